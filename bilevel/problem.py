@@ -1,0 +1,300 @@
+"""The bilevel problem and its counted oracles.
+
+    min_x F(x) = f(x, y*(x)),   y*(x) in argmin_y g(x, y)
+
+``Problem`` holds the user's ``upper`` (f) and ``lower`` (g) losses. Methods never call them
+directly: they go through the oracle methods below (gradients, Hessian-vector and mixed products,
+evaluations), each built on ``torch.func`` and counted in ``problem.counts``, so every method's
+cost can be reported as oracle counts next to seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vjp
+
+from bilevel import tree as tr
+from bilevel.tree import Tree
+
+Loss = Callable[[Tree, Tree, Any], Tensor]
+
+ORACLES = (
+    "lower_grad",  # ∇_y g
+    "upper_grad",  # ∇_x f and ∇_y f together (one reverse pass)
+    "hvp",  # ∇²_yy g · v
+    "mixed",  # ∇²_xy g · v  (result shaped like x)
+    "jvp",  # forward-mode derivative of ∇_y g along (dx, dy)
+    "lower_eval",
+    "upper_eval",
+    "lower_grad_x",  # ∇_x g (zeroth/first-order methods)
+)
+
+
+class NonFiniteError(FloatingPointError):
+    """An oracle produced NaN or Inf."""
+
+
+class Problem:
+    """A bilevel problem: upper loss f(x, y, batch), lower loss g(x, y, batch).
+
+    Args:
+        upper: ``f(x, y, batch) -> scalar tensor`` (validation / outer objective).
+        lower: ``g(x, y, batch) -> scalar tensor`` (training / inner objective).
+        upper_data, lower_data: iterables of batches, cycled forever; ``None`` means
+            deterministic full-batch losses (``batch`` is then ``None``).
+        init_lower: optional ``init_lower(x) -> y0``: the inner variable starts from a function
+            of x (MAML-style meta-initialisation); methods differentiate through it.
+        check_finite: flag NaN/Inf in oracle outputs (checked once per outer step, no per-call
+            host sync); raise :class:`NonFiniteError` naming the oracle.
+    """
+
+    def __init__(
+        self,
+        upper: Loss,
+        lower: Loss,
+        upper_data: Iterable | None = None,
+        lower_data: Iterable | None = None,
+        init_lower: Callable[[Tree], Tree] | None = None,
+        check_finite: bool = True,
+    ) -> None:
+        for name, fn in (("upper", upper), ("lower", lower)):
+            if not callable(fn):
+                raise TypeError(f"{name} must be callable f(x, y, batch) -> scalar tensor")
+        if init_lower is not None and not callable(init_lower):
+            raise TypeError("init_lower must be callable init_lower(x) -> tree like y")
+        self.upper = upper
+        self.lower = lower
+        self.upper_data = upper_data
+        self.lower_data = lower_data
+        self.init_lower = init_lower
+        self.check_finite = check_finite
+        self.counts: Counter[str] = Counter()
+        self._counting = True
+        self._watching = True
+        self._nonfinite: dict[str, Tensor] = {}
+        self._streams: dict[str, Iterator | None] = {}
+        self.batches_drawn: Counter[str] = Counter()
+
+    # ----------------------------------------------------------------- batches
+    def lower_batch(self) -> Any:
+        """Next lower-level batch (``None`` for a deterministic problem)."""
+        return self._next("lower", self.lower_data)
+
+    def upper_batch(self) -> Any:
+        """Next upper-level batch (``None`` for a deterministic problem)."""
+        return self._next("upper", self.upper_data)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.lower_data is not None or self.upper_data is not None
+
+    def _next(self, which: str, data: Iterable | None) -> Any:
+        if data is None:
+            return None
+        stream = self._streams.get(which)
+        if stream is None:
+            stream = self._streams[which] = itertools.cycle(data)
+        self.batches_drawn[which] += 1
+        return next(stream)
+
+    def skip_batches(self, drawn: dict[str, int]) -> None:
+        """Advance the batch streams by ``drawn`` (used to resume from a checkpoint)."""
+        for which, data in (("lower", self.lower_data), ("upper", self.upper_data)):
+            for _ in range(drawn.get(which, 0)):
+                self._next(which, data)
+
+    # ----------------------------------------------------------------- counting
+    def _count(self, oracle: str, n: int = 1) -> None:
+        if self._counting:
+            self.counts[oracle] += n
+
+    def count(self, oracle: str, n: int = 1) -> None:
+        """Record ``n`` uses of ``oracle`` done implicitly (e.g. the backward pass of ITD)."""
+        if oracle not in ORACLES:
+            raise ValueError(f"unknown oracle {oracle!r}; known: {', '.join(ORACLES)}")
+        self._count(oracle, n)
+
+    @contextlib.contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Oracle calls inside this block (logging, evaluation) are not counted."""
+        previous, self._counting = self._counting, False
+        try:
+            yield
+        finally:
+            self._counting = previous
+
+    @contextlib.contextmanager
+    def unwatched(self) -> Iterator[None]:
+        """Skip the NaN/Inf flags inside this block: for oracle calls made under ``vmap`` or
+        nested transforms, whose outputs must not escape; the caller watches its result."""
+        previous, self._watching = self._watching, False
+        try:
+            yield
+        finally:
+            self._watching = previous
+
+    def watch(self, oracle: str, out: Tree | Tensor) -> None:
+        """Flag NaN/Inf in ``out`` (attributed to ``oracle``) without a host sync."""
+        if not self.check_finite or not self._counting or not self._watching:
+            return
+        ok = tr.all_finite(out) if isinstance(out, dict) else torch.isfinite(out).all()
+        bad = ~ok.detach()
+        prev = self._nonfinite.get(oracle)
+        self._nonfinite[oracle] = bad if prev is None else prev | bad.to(prev.device)
+
+    def raise_if_nonfinite(self, step: int) -> None:
+        """Raise :class:`NonFiniteError` if any oracle produced NaN/Inf (one host sync)."""
+        if not self._nonfinite:
+            return
+        flags = self._nonfinite
+        self._nonfinite = {}
+        bad = [name for name, flag in flags.items() if bool(flag)]
+        if bad:
+            raise NonFiniteError(
+                f"oracle(s) {', '.join(bad)} produced NaN/Inf at outer step {step}; "
+                "the inner loop may diverge (lower inner_lr) or the losses overflow"
+            )
+
+    # ----------------------------------------------------------------- oracles
+    def lower_value(self, x: Tree, y: Tree, batch: Any = None) -> Tensor:
+        self._count("lower_eval")
+        return _scalar(self.lower(x, y, batch), "lower")
+
+    def upper_value(self, x: Tree, y: Tree, batch: Any = None) -> Tensor:
+        self._count("upper_eval")
+        return _scalar(self.upper(x, y, batch), "upper")
+
+    def grad_lower_y(self, x: Tree, y: Tree, batch: Any = None) -> Tree:
+        """∇_y g(x, y). Differentiable w.r.t. x and y (usable inside an unrolled graph)."""
+        self._count("lower_grad")
+        out = grad(lambda y_: _scalar(self.lower(x, y_, batch), "lower"))(y)
+        self.watch("lower_grad", out)
+        return out
+
+    def grad_lower_x(self, x: Tree, y: Tree, batch: Any = None) -> Tree:
+        """∇_x g(x, y)."""
+        self._count("lower_grad_x")
+        out = grad(lambda x_: _scalar(self.lower(x_, y, batch), "lower"))(x)
+        self.watch("lower_grad_x", out)
+        return out
+
+    def grad_upper(self, x: Tree, y: Tree, batch: Any = None) -> tuple[Tree, Tree]:
+        """(∇_x f, ∇_y f) at (x, y) from one reverse pass."""
+        self._count("upper_grad")
+        gx, gy = grad(lambda x_, y_: _scalar(self.upper(x_, y_, batch), "upper"), (0, 1))(x, y)
+        self.watch("upper_grad", gx)
+        self.watch("upper_grad", gy)
+        return gx, gy
+
+    def hvp_lower_yy(self, x: Tree, y: Tree, v: Tree, batch: Any = None) -> Tree:
+        """∇²_yy g(x, y) · v by forward-over-reverse differentiation."""
+        self._count("hvp")
+        out = jvp(lambda y_: self._grad_lower_y(x, y_, batch), (y,), (v,))[1]
+        self.watch("hvp", out)
+        return out
+
+    def mixed_lower_xy(self, x: Tree, y: Tree, v: Tree, batch: Any = None) -> Tree:
+        """∇²_xy g(x, y) · v = ∇_x ⟨∇_y g(x, y), v⟩, a tree shaped like x."""
+        self._count("mixed")
+        _, pullback = vjp(lambda x_: self._grad_lower_y(x_, y, batch), x)
+        (out,) = pullback(v)
+        self.watch("mixed", out)
+        return out
+
+    def jvp_lower_grad(
+        self, x: Tree, y: Tree, dx: Tree, dy: Tree, batch: Any = None
+    ) -> tuple[Tree, Tree]:
+        """(∇_y g, ∇²_yx g · dx + ∇²_yy g · dy): the tangent of the inner gradient."""
+        self._count("jvp")
+        out = jvp(lambda x_, y_: self._grad_lower_y(x_, y_, batch), (x, y), (dx, dy))
+        self.watch("jvp", out[1])
+        return out
+
+    def _grad_lower_y(self, x: Tree, y: Tree, batch: Any) -> Tree:
+        return grad(lambda y_: _scalar(self.lower(x, y_, batch), "lower"))(y)
+
+    # ----------------------------------------------------------------- start
+    def initial_y(self, x: Tree, y: Tree | None) -> Tree:
+        """The inner start: ``init_lower(x)`` when given (differentiable in x), else ``y``."""
+        if self.init_lower is not None:
+            return self.init_lower(x)
+        if y is None:
+            raise ValueError("y is required when the problem has no init_lower")
+        return y
+
+
+def _scalar(loss: object, name: str) -> Tensor:
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"the {name} loss must return a torch.Tensor, got {type(loss).__name__}")
+    if loss.dim() != 0:
+        raise ValueError(
+            f"the {name} loss must return a scalar (0-dim) tensor, got shape {tuple(loss.shape)}; "
+            "reduce it with .mean() or .sum()"
+        )
+    return loss
+
+
+def validate(problem: Problem, x: object, y: object) -> tuple[Tree, Tree]:
+    """Check the problem and the starting point once, before any method runs.
+
+    Catches the mistakes that otherwise surface as deep tracebacks or silent garbage: variables
+    that are not trees of floating tensors, non-scalar or non-finite losses, a lower loss that
+    depends on no inner variable, and an ``init_lower`` whose output does not match ``y``.
+    A lower loss independent of *part* of y is legal (zero gradient there).
+    """
+    x = tr.check_tree(x, "x")
+    if problem.init_lower is not None:
+        y0 = tr.check_tree(problem.init_lower(x), "init_lower(x)")
+        if y is not None:
+            y = tr.check_tree(y, "y")
+            _check_same_structure(y0, y, "init_lower(x)", "y")
+        y = y0
+    else:
+        if y is None:
+            raise ValueError("y (the initial inner variable) is required without init_lower")
+        y = tr.check_tree(y, "y")
+    lower_batch = _peek(problem.lower_data)
+    upper_batch = _peek(problem.upper_data)
+    y_req = {k: v.detach().requires_grad_(True) for k, v in y.items()}
+    x_det = tr.detach(x)
+    g = _scalar(problem.lower(x_det, y_req, lower_batch), "lower")
+    f = _scalar(problem.upper(x_det, tr.detach(y), upper_batch), "upper")
+    for name, value in (("lower", g), ("upper", f)):
+        if not bool(torch.isfinite(value.detach())):
+            raise NonFiniteError(f"the {name} loss is {value.item()} at the starting point")
+    used = g.requires_grad and any(
+        d is not None for d in torch.autograd.grad(g, list(y_req.values()), allow_unused=True)
+    )
+    if not used:
+        raise ValueError(
+            "the lower loss does not depend on any inner variable y: nothing to optimize in the "
+            "inner problem (check that lower(x, y, batch) uses y)"
+        )
+    return x, y
+
+
+def _check_same_structure(a: Tree, b: Tree, name_a: str, name_b: str) -> None:
+    if a.keys() != b.keys():
+        raise ValueError(f"{name_a} has keys {sorted(a)} but {name_b} has keys {sorted(b)}")
+    for k in a:
+        if a[k].shape != b[k].shape:
+            raise ValueError(
+                f"{name_a}[{k!r}] has shape {tuple(a[k].shape)} but {name_b}[{k!r}] has shape "
+                f"{tuple(b[k].shape)}"
+            )
+
+
+def _peek(data: Iterable | None) -> Any:
+    if data is None:
+        return None
+    try:
+        return next(iter(data))
+    except StopIteration:
+        raise ValueError("a data iterable of the problem is empty") from None

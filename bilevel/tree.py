@@ -1,0 +1,119 @@
+"""Tree arithmetic: variables are ``dict[str, Tensor]`` and every method works on them.
+
+Every function here is pure (no in-place updates) so that it can run inside an autograd graph
+(unrolled differentiation) and under ``torch.func`` transforms.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+Tree = dict[str, Tensor]
+
+
+def check_tree(tree: object, name: str) -> Tree:
+    """Validate that ``tree`` is a non-empty dict of floating tensors; return it as a dict.
+
+    Raises ``TypeError``/``ValueError`` naming ``name`` and the offending key.
+    """
+    if not isinstance(tree, Mapping):
+        raise TypeError(
+            f"{name} must be a dict[str, Tensor] (use bilevel.params(module) for an nn.Module), "
+            f"got {type(tree).__name__}"
+        )
+    if len(tree) == 0:
+        raise ValueError(f"{name} is an empty tree: it needs at least one tensor")
+    for key, value in tree.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{name} keys must be strings, got {key!r}")
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name}[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name}[{key!r}] must be a floating tensor, got dtype {value.dtype}")
+    return dict(tree)
+
+
+def tree_map(fn: Callable[..., Tensor], tree: Tree, *rest: Tree) -> Tree:
+    """Apply ``fn`` leaf-wise over trees with the same keys."""
+    return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
+
+
+def add(a: Tree, b: Tree) -> Tree:
+    return {k: a[k] + b[k] for k in a}
+
+
+def sub(a: Tree, b: Tree) -> Tree:
+    return {k: a[k] - b[k] for k in a}
+
+
+def scale(a: Tree, s: float | Tensor) -> Tree:
+    return {k: v * s for k, v in a.items()}
+
+
+def axpy(alpha: float | Tensor, x: Tree, y: Tree) -> Tree:
+    """Return ``alpha * x + y``."""
+    return {k: alpha * x[k] + y[k] for k in x}
+
+
+def dot(a: Tree, b: Tree) -> Tensor:
+    """Inner product summed over all leaves (a 0-dim tensor, no host sync)."""
+    return sum((torch.sum(a[k] * b[k]) for k in a), start=torch.zeros((), **_like(a)))
+
+
+def norm(a: Tree) -> Tensor:
+    return torch.sqrt(dot(a, a))
+
+
+def zeros_like(a: Tree) -> Tree:
+    return {k: torch.zeros_like(v) for k, v in a.items()}
+
+
+def randn_like(a: Tree, generator: torch.Generator | None = None) -> Tree:
+    return {
+        k: torch.randn(v.shape, dtype=v.dtype, device=v.device, generator=generator)
+        for k, v in a.items()
+    }
+
+
+def detach(a: Tree) -> Tree:
+    return {k: v.detach() for k, v in a.items()}
+
+
+def clone(a: Tree) -> Tree:
+    """Detached copies: the caller's tensors are never aliased or modified."""
+    return {k: v.detach().clone() for k, v in a.items()}
+
+
+def size(a: Tree) -> int:
+    """Number of scalars in the tree."""
+    return sum(math.prod(v.shape) for v in a.values())
+
+
+def flatten(a: Tree) -> Tensor:
+    """Concatenate all leaves into one vector (key order of the dict)."""
+    return torch.cat([v.reshape(-1) for v in a.values()])
+
+
+def unflatten(vector: Tensor, like: Tree) -> Tree:
+    """Inverse of :func:`flatten` with the shapes of ``like``."""
+    out, start = {}, 0
+    for k, v in like.items():
+        n = v.numel()
+        out[k] = vector[start : start + n].reshape(v.shape)
+        start += n
+    return out
+
+
+def all_finite(a: Tree) -> Tensor:
+    """0-dim bool tensor: every entry of every leaf is finite (no host sync)."""
+    flags = [torch.isfinite(v).all() for v in a.values()]
+    return torch.stack(flags).all()
+
+
+def _like(a: Tree) -> dict:
+    first = next(iter(a.values()))
+    return {"dtype": first.dtype, "device": first.device}
