@@ -11,7 +11,6 @@ cost can be reported as oracle counts next to seconds.
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -49,6 +48,9 @@ class Problem:
         lower: ``g(x, y, batch) -> scalar tensor`` (training / inner objective).
         upper_data, lower_data: iterables of batches, cycled forever; ``None`` means
             deterministic full-batch losses (``batch`` is then ``None``).
+        task_data: iterable of task batches (e.g. meta-batches of few-shot episodes), cycled;
+            one is drawn per outer step (:meth:`next_task`) and passed as ``batch`` to both
+            losses for that whole step, unless upper_data / lower_data are given.
         init_lower: optional ``init_lower(x) -> y0``: the inner variable starts from a function
             of x (MAML-style meta-initialisation); methods differentiate through it.
         check_finite: flag NaN/Inf in oracle outputs (checked once per outer step, no per-call
@@ -63,6 +65,7 @@ class Problem:
         lower_data: Iterable | None = None,
         init_lower: Callable[[Tree], Tree] | None = None,
         check_finite: bool = True,
+        task_data: Iterable | None = None,
     ) -> None:
         for name, fn in (("upper", upper), ("lower", lower)):
             if not callable(fn):
@@ -74,6 +77,8 @@ class Problem:
         self.upper_data = upper_data
         self.lower_data = lower_data
         self.init_lower = init_lower
+        self.task_data = task_data
+        self.current_task: Any = None
         self.check_finite = check_finite
         self.counts: Counter[str] = Counter()
         self._counting = True
@@ -84,30 +89,51 @@ class Problem:
 
     # ----------------------------------------------------------------- batches
     def lower_batch(self) -> Any:
-        """Next lower-level batch (``None`` for a deterministic problem)."""
+        """Next lower-level batch (the current task batch, or ``None``, without lower_data)."""
+        if self.lower_data is None:
+            return self.current_task
         return self._next("lower", self.lower_data)
 
     def upper_batch(self) -> Any:
-        """Next upper-level batch (``None`` for a deterministic problem)."""
+        """Next upper-level batch (the current task batch, or ``None``, without upper_data)."""
+        if self.upper_data is None:
+            return self.current_task
         return self._next("upper", self.upper_data)
+
+    def next_task(self) -> None:
+        """Draw the task batch for the next outer step (no-op without task_data)."""
+        if self.task_data is not None:
+            self.current_task = self._next("task", self.task_data)
 
     @property
     def stochastic(self) -> bool:
-        return self.lower_data is not None or self.upper_data is not None
+        return any(d is not None for d in (self.lower_data, self.upper_data, self.task_data))
 
-    def _next(self, which: str, data: Iterable | None) -> Any:
-        if data is None:
-            return None
+    def _data(self, which: str) -> Iterable | None:
+        return {"lower": self.lower_data, "upper": self.upper_data, "task": self.task_data}[which]
+
+    def _next(self, which: str, data: Iterable) -> Any:
+        # restart exhausted iterables ourselves: itertools.cycle would keep every batch alive
         stream = self._streams.get(which)
         if stream is None:
-            stream = self._streams[which] = itertools.cycle(data)
+            stream = self._streams[which] = iter(data)
+        try:
+            batch = next(stream)
+        except StopIteration:
+            stream = self._streams[which] = iter(data)
+            try:
+                batch = next(stream)
+            except StopIteration:
+                raise ValueError(f"the problem's {which}_data is empty") from None
         self.batches_drawn[which] += 1
-        return next(stream)
+        return batch
 
     def skip_batches(self, drawn: dict[str, int]) -> None:
-        """Advance the batch streams by ``drawn`` (used to resume from a checkpoint)."""
-        for which, data in (("lower", self.lower_data), ("upper", self.upper_data)):
-            for _ in range(drawn.get(which, 0)):
+        """Replay ``drawn`` batches of each stream (to resume from a checkpoint): the streams
+        must be deterministic, e.g. seeded samplers or fixed lists."""
+        for which, count in drawn.items():
+            data = self._data(which)
+            for _ in range(count if data is not None else 0):
                 self._next(which, data)
 
     # ----------------------------------------------------------------- counting
@@ -260,8 +286,9 @@ def validate(problem: Problem, x: object, y: object) -> tuple[Tree, Tree]:
         if y is None:
             raise ValueError("y (the initial inner variable) is required without init_lower")
         y = tr.check_tree(y, "y")
-    lower_batch = _peek(problem.lower_data)
-    upper_batch = _peek(problem.upper_data)
+    task_batch = _peek(problem.task_data)
+    lower_batch = task_batch if problem.lower_data is None else _peek(problem.lower_data)
+    upper_batch = task_batch if problem.upper_data is None else _peek(problem.upper_data)
     y_req = {k: v.detach().requires_grad_(True) for k, v in y.items()}
     x_det = tr.detach(x)
     g = _scalar(problem.lower(x_det, y_req, lower_batch), "lower")

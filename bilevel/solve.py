@@ -82,6 +82,7 @@ def hypergrad(
     x = tr.clone(x)
     state = method.init(problem, x, y)
     for step in range(steps):
+        problem.next_task()
         hg, state = method.step(problem, x, state)
         problem.raise_if_nonfinite(step)
     return tr.detach(hg)
@@ -153,12 +154,15 @@ def solve(
     if path is not None and path.exists():
         start, state, history = _load(path, problem, params, optimizer, state)
     elapsed = history[-1]["seconds"] if history else 0.0
-    eval_batch = _first(problem.upper_data)
+    # the logged upper loss uses the first upper batch (fixed, so rows compare), else the
+    # step's task batch
+    fixed_batch = None if problem.upper_data is None else next(iter(problem.upper_data))
     bar = tqdm(total=steps, initial=start, disable=not progress, desc=method.name)
     for step in range(start, steps):
         done = step + 1
         logged = done % log_every == 0 or done == steps
         tick = time.perf_counter()
+        problem.next_task()
         hg, state = method.step(problem, params, state)
         hg_x = tr.clone(params) if logged else params
         problem.raise_if_nonfinite(step)
@@ -172,7 +176,7 @@ def solve(
         elapsed += time.perf_counter() - tick
         if logged:
             with problem.uncounted():
-                upper = problem.upper_value(params, state.y, eval_batch)
+                upper = problem.upper_value(params, state.y, _eval_batch(problem, fixed_batch))
             row: dict[str, Any] = {
                 "step": done,
                 "seconds": elapsed,
@@ -197,8 +201,8 @@ def _synchronize(params: Tree) -> None:
         torch.cuda.synchronize(device)
 
 
-def _first(data: Iterable | None) -> Any:
-    return None if data is None else next(iter(data))
+def _eval_batch(problem: Problem, fixed_batch: Any) -> Any:
+    return fixed_batch if problem.upper_data is not None else problem.current_task
 
 
 def _save(

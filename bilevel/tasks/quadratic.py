@@ -20,7 +20,7 @@ from torch import Tensor
 
 from bilevel.problem import Problem
 from bilevel.solve import StepContext
-from bilevel.tasks.base import Task
+from bilevel.tasks.base import Task, register_task
 from bilevel.tree import Tree
 
 
@@ -108,6 +108,7 @@ def quadratic_data(
     return QuadraticData(A=A, B=B, c=c, H=H, t=t, M=M, lam=lam)
 
 
+@register_task("quadratic")
 def quadratic(
     dim_x: int = 5,
     dim_y: int = 10,
@@ -152,4 +153,6 @@ def quadratic(
             "seed": seed,
             "data": data,
         },
+        method_defaults={"inner_lr": 1.0, "inner_steps": 20, "solver_lr": 1.0},
+        solve_defaults={"steps": 100, "outer_optimizer": "adam", "outer_lr": 0.05},
     )
