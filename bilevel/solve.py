@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -121,6 +122,8 @@ def solve(
     log_every: int = 1,
     project: Callable[[Tree], None] | None = None,
     progress: bool = False,
+    time_budget: float | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
 ) -> Result:
     """Optimise x for ``steps`` outer steps with ``method``'s hypergradients.
 
@@ -131,6 +134,10 @@ def solve(
             exists, the run resumes from it (same problem, method and arguments expected).
         project: in-place projection of x after each outer update (e.g. onto a box).
         log_every: log a history row every this many steps (and at the last step).
+        time_budget: stop after the first step at which the timed seconds (method and outer
+            update, not logging) reach this budget; that step is logged.
+        on_log: called with each history row as soon as it is complete (e.g. to stream rows
+            to a file, so an interrupted run keeps them).
     Returns:
         :class:`Result` with x, y, history and the method state.
     """
@@ -158,13 +165,18 @@ def solve(
     # step's task batch
     fixed_batch = None if problem.upper_data is None else next(iter(problem.upper_data))
     bar = tqdm(total=steps, initial=start, disable=not progress, desc=method.name)
+    if time_budget is not None and not time_budget > 0:
+        raise ValueError(f"time_budget must be positive seconds, got {time_budget!r}")
     for step in range(start, steps):
+        if time_budget is not None and elapsed >= time_budget:
+            break
         done = step + 1
         logged = done % log_every == 0 or done == steps
         tick = time.perf_counter()
         problem.next_task()
         hg, state = method.step(problem, params, state)
-        hg_x = tr.clone(params) if logged else params
+        # the point hg was estimated at, for callbacks (a budget may end any step)
+        hg_x = tr.clone(params) if logged or time_budget is not None else params
         problem.raise_if_nonfinite(step)
         for k, p in params.items():
             p.grad = hg[k].to(p.dtype)
@@ -174,6 +186,8 @@ def solve(
                 project(params)
         _synchronize(params)
         elapsed += time.perf_counter() - tick
+        out_of_time = time_budget is not None and elapsed >= time_budget
+        logged = logged or out_of_time
         if logged:
             with problem.uncounted():
                 upper = problem.upper_value(params, state.y, _eval_batch(problem, fixed_batch))
@@ -182,16 +196,28 @@ def solve(
                 "seconds": elapsed,
                 "oracles": dict(problem.counts - base_counts),
                 "upper_loss": float(upper),
+                "peak_memory_mb": peak_memory_mb(params),
             }
             for callback in callbacks:
                 row.update(callback(StepContext(done, params, state, hg, hg_x)) or {})
             history.append(row)
+            if on_log is not None:
+                on_log(row)
             bar.set_postfix(upper_loss=f"{row['upper_loss']:.4g}")
-        if path is not None and (done % checkpoint_every == 0 or done == steps):
+        if path is not None and (done % checkpoint_every == 0 or done == steps or out_of_time):
             _save(path, done, problem, params, optimizer, state, history, base_counts)
         bar.update(1)
     bar.close()
     return Result(x=tr.detach(params), y=tr.detach(state.y), history=history, state=state)
+
+
+def peak_memory_mb(params: Tree) -> float:
+    """Peak memory so far: allocated GPU memory on CUDA, else the process's peak resident set
+    (which includes the Python and torch baseline; compare runs made in separate processes)."""
+    device = next(iter(params.values())).device
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _synchronize(params: Tree) -> None:

@@ -136,3 +136,23 @@ def test_stochastic_problem_cycles_batches():
     )
     assert problem.batches_drawn["lower"] == 5 * 11 and problem.batches_drawn["upper"] == 5
     assert result.history[-1]["upper_loss"] < result.history[0]["upper_loss"] + 1.0
+
+
+def test_time_budget_stops_and_logs_the_last_step():
+    task = _task()
+    rows = []
+    result = bl.solve(
+        task.problem,
+        task.x0,
+        task.y0,
+        bl.method("itd", inner_steps=50),
+        steps=10_000,
+        log_every=10_000,
+        time_budget=0.5,
+        on_log=rows.append,
+    )
+    assert rows == result.history and len(rows) == 1
+    assert 0.5 <= rows[0]["seconds"] < 5 and rows[0]["step"] < 10_000
+    assert rows[0]["peak_memory_mb"] > 0
+    with pytest.raises(ValueError, match="time_budget"):
+        bl.solve(task.problem, task.x0, task.y0, "cg", steps=1, time_budget=0)
