@@ -32,7 +32,7 @@ def test_list_names_tasks_and_methods():
 
 def test_run_writes_config_metrics_and_checkpoint(tmp_path):
     bilevel(*RUN, "--steps", "6", "--out", str(tmp_path / "r"))
-    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    rows = _rows(tmp_path / "r")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert {"step", "seconds", "oracles", "peak_memory_mb", "upper_loss",
             "hypergrad_error"} <= set(rows[-1])  # fmt: skip
