@@ -185,8 +185,10 @@ def bench(
             config = RunConfig(task=task, method=method, seed=seed, budget=budget, **run_settings)
             _run_subprocess(config, folder, resume and (folder / CHECKPOINT).exists())
     runs = collect(out)
+    reference_task = tasks.make(task, seed=0, **run_settings.get("task_options", {}))
+    references = reference_task.references() if reference_task.references else {}
     table = out / "table.md"
-    table.write_text(markdown_table(runs, budget))
+    table.write_text(markdown_table(runs, budget, references))
     from bilevel.plots import plot_runs  # matplotlib only when plotting
 
     plots = plot_runs(runs, out)
@@ -238,8 +240,13 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
     return float(q[1]), float(q[0]), float(q[2])
 
 
-def markdown_table(runs: dict[str, list[list[dict[str, Any]]]], budget: float | None) -> str:
-    """Median [IQR] over seeds of each metric at the end of each run (the budget)."""
+def markdown_table(
+    runs: dict[str, list[list[dict[str, Any]]]],
+    budget: float | None,
+    references: dict[str, dict[str, float]] | None = None,
+) -> str:
+    """Median [IQR] over seeds of each metric at the end of each run (the budget), then one
+    row per reference point (seed 0)."""
     metrics = metric_names(runs)
     columns = ["steps", "seconds", *metrics, "oracle calls", "peak MB"]
     head = f"Final values at the budget ({budget:g} s)" if budget else "Final values"
@@ -258,6 +265,9 @@ def markdown_table(runs: dict[str, list[list[dict[str, Any]]]], budget: float | 
             median, low, high = _quartiles(values)
             cells.append(f"{_fmt(median)} [{_fmt(low)}, {_fmt(high)}]")
         lines.append(f"| {method} | {len(histories)} | " + " | ".join(cells) + " |")
+    for name, values in (references or {}).items():
+        cells = [_fmt(values[c]) if c in values else "–" for c in columns]
+        lines.append(f"| reference: {name} | 1 | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

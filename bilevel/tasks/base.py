@@ -21,7 +21,9 @@ class Task:
     :class:`~bilevel.solve.StepContext`); ``metadata`` records the protocol (sizes, seeds,
     reference values) for result files; ``method_defaults`` are the options (``inner_steps``,
     ``inner_lr``, ...) that suit the task, applied to every method that has them;
-    ``solve_defaults`` the outer loop's (``steps``, ``outer_optimizer``, ``outer_lr``).
+    ``solve_defaults`` the outer loop's (``steps``, ``outer_optimizer``, ``outer_lr``);
+    ``references`` computes reference points shown beside the methods in benchmark tables
+    (``{"oracle": {"test_accuracy": 84.1}, ...}``), called once per benchmark.
     """
 
     name: str
@@ -32,6 +34,7 @@ class Task:
     metadata: dict[str, Any] = field(default_factory=dict)
     method_defaults: dict[str, Any] = field(default_factory=dict)
     solve_defaults: dict[str, Any] = field(default_factory=dict)
+    references: Callable[[], dict[str, dict[str, float]]] | None = None
 
     def method_options(self, method_name: str, **overrides: Any) -> dict[str, Any]:
         """This task's recommended options that ``method_name`` accepts, then ``overrides``."""
