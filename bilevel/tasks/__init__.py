@@ -1,5 +1,6 @@
 """Benchmark problems: each function returns a :class:`~bilevel.tasks.base.Task`."""
 
+from bilevel.tasks import hyper_cleaning as _hyper_cleaning  # noqa: F401 - registers the task
 from bilevel.tasks.base import Task, make, register_task, task_factory, tasks_available
 from bilevel.tasks.quadratic import QuadraticData, quadratic, quadratic_data
 
