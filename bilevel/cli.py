@@ -117,7 +117,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         settings["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not settings.get("task") or not settings.get("methods"):
         raise UsageError("bench needs a task and --methods a,b,c (or a config file)")
-    seeds = int(settings.pop("seeds", 3) if args.seeds is None else args.seeds)
+    configured_seeds = settings.pop("seeds", 3)
+    seeds = int(configured_seeds if args.seeds is None else args.seeds)
     task = settings.pop("task")
     methods = settings.pop("methods")
     settings.pop("method", None)

@@ -127,3 +127,11 @@ def test_bench_writes_table_and_plots(tmp_path):
     assert (out / "hypergrad_error.png").stat().st_size > 5000
     assert "table:" in done.stdout and "plot:" in done.stdout
     assert len(list(out.glob("*-s*/metrics.jsonl"))) == 4
+
+
+def test_bench_quick_preset_runs_with_overrides(tmp_path):
+    out = tmp_path / "q"
+    bilevel("bench", "quick", "--budget", "0.3", "--seeds", "1", "--methods", "cg", "--out",
+            str(out))  # fmt: skip
+    table = (out / "table.md").read_text()
+    assert "| cg | 1 |" in table and "test_accuracy" in table and "reference: oracle" in table
