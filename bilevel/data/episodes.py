@@ -160,9 +160,10 @@ class EpisodeSampler:
         picks = np.stack(
             [self._rng.choice(self._index[int(c)], size=per_class, replace=False) for c in drawn]
         )
-        ways = torch.arange(self.n_way)
+        support_x = self._take(picks[:, : self.k_shot].reshape(-1))
+        ways = torch.arange(self.n_way, device=support_x.device)  # labels beside the images
         return Episode(
-            support_x=self._take(picks[:, : self.k_shot].reshape(-1)),
+            support_x=support_x,
             support_y=ways.repeat_interleave(self.k_shot),
             query_x=self._take(picks[:, self.k_shot :].reshape(-1)),
             query_y=ways.repeat_interleave(self.n_query),

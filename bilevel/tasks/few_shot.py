@@ -1,0 +1,413 @@
+"""Few-shot classification on an Omniglot-layout image folder, in two bilevel forms.
+
+``form="feature"`` — meta-feature learning (Franceschi, Frasconi, Salzo, Grazzi, Pontil,
+"Bilevel Programming for Hyperparameter Optimization and Meta-Learning", ICML 2018): x is a
+conv-4 feature extractor shared by all tasks, y the per-task linear heads, re-initialised at zero
+every outer step; the inner problem is L2-regularised support cross-entropy, the outer one query
+cross-entropy. This is the setting of ESJ (Sow, Ji, Liang, arXiv 2110.07004) and BDA (Liu et al.,
+ICML 2020).
+
+``form="maml"`` — MAML (Finn, Abbeel, Levine, "Model-Agnostic Meta-Learning for Fast Adaptation
+of Deep Networks", ICML 2017): x is the initialisation of a conv-4 classifier, y per-task copies
+of its weights started at x (``init_lower``), adapted on the support set; the outer loss is the
+query cross-entropy of the adapted weights.
+
+Data: any ``ROOT/<Alphabet>/<character>/*.png`` folder (real Omniglot when the user has it),
+by default the font-rendered glyph set of :mod:`bilevel.data.glyphs`. Whole alphabets are split
+into meta-train / meta-validation / meta-test classes. BatchNorm uses the statistics of the batch
+it sees (one task's support set, or one task's query set: the transductive setting of MAML's
+code) and keeps no running statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import grad, vmap
+
+from bilevel import tree as tr
+from bilevel.data.episodes import Episode, EpisodeSampler, split_classes
+from bilevel.data.glyphs import glyph_dataset
+from bilevel.data.omniglot import load_omniglot
+from bilevel.modules import functional, params
+from bilevel.problem import Problem
+from bilevel.solve import StepContext
+from bilevel.tasks.base import Task, register_task
+from bilevel.tree import Tree
+
+FORMS = ("feature", "maml")
+SPLITS = ("train", "val", "test")
+EVAL_CHUNK = 20  # episodes per batched forward pass in evaluation
+
+# Inner and outer settings per form (see docs/tasks/few_shot.md for the papers' values).
+METHOD_DEFAULTS = {
+    "feature": {"inner_steps": 5, "inner_lr": 0.1, "solver_iters": 5},
+    "maml": {"inner_steps": 1, "inner_lr": 0.4},
+}
+SOLVE_DEFAULTS = {"steps": 1000, "outer_optimizer": "adam", "outer_lr": 1e-3}
+
+
+def conv4(hidden: int = 32, in_channels: int = 1) -> nn.Sequential:
+    """Four blocks of conv3x3(hidden) - BatchNorm (batch statistics only) - ReLU - maxpool 2,
+    then flatten (the conv-4 of Vinyals et al. 2016 and Finn et al. 2017)."""
+    layers: list[nn.Module] = []
+    for i in range(4):
+        layers += [
+            nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1),
+            nn.BatchNorm2d(hidden, track_running_stats=False),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
+    return nn.Sequential(*layers, nn.Flatten())
+
+
+def feature_size(hidden: int, image_size: int) -> int:
+    """Length of conv-4's output for ``image_size`` x ``image_size`` inputs."""
+    side = image_size
+    for _ in range(4):
+        side //= 2
+    if side < 1:
+        raise ValueError(f"image_size must be >= 16 for conv-4's four poolings, got {image_size}")
+    return hidden * side * side
+
+
+class EpisodeStream:
+    """Endless seeded stream of meta-batches of episodes (an ``Episode`` of stacked tensors).
+
+    Every ``iter()`` starts a fresh sampler from ``seed``, so the stream replays exactly: a
+    resumed run (``Problem.skip_batches``) sees the same tasks as an uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        make_sampler: Callable[[int], EpisodeSampler],
+        meta_batch: int,
+        seed: int,
+        dtype: torch.dtype,
+    ) -> None:
+        self.make_sampler = make_sampler
+        self.meta_batch = meta_batch
+        self.seed = seed
+        self.dtype = dtype
+
+    def __iter__(self) -> Iterator[Episode]:
+        sampler = self.make_sampler(self.seed)
+        while True:
+            yield _cast(sampler.sample_batch(self.meta_batch), self.dtype)
+
+
+def _cast(episode: Episode, dtype: torch.dtype) -> Episode:
+    """Images to ``dtype``; labels to the images' device (the sampler makes them on the CPU)."""
+    device = episode.support_x.device
+    return Episode(
+        support_x=episode.support_x.to(dtype),
+        support_y=episode.support_y.to(device),
+        query_x=episode.query_x.to(dtype),
+        query_y=episode.query_y.to(device),
+    )
+
+
+def _head_logits(feats: Tensor, head: Tree) -> Tensor:
+    """Per-task linear heads: [tasks, n, d] features -> [tasks, n, n_way] logits."""
+    return torch.baddbmm(head["bias"].unsqueeze(1), feats, head["weight"].transpose(1, 2))
+
+
+def _descend(loss: Callable[[Tree], Tensor], y: Tree, steps: int, lr: float) -> Tree:
+    """``steps`` plain gradient-descent steps of ``lr`` on ``loss`` from ``y``."""
+    for _ in range(steps):
+        y = tr.axpy(-lr, grad(loss)(y), y)
+    return y
+
+
+def _stack(tree: Tree, n: int) -> Tree:
+    """``n`` copies of a tree along a new leading dim (differentiable: gradients sum)."""
+    return {k: v.unsqueeze(0).repeat(n, *([1] * v.dim())) for k, v in tree.items()}
+
+
+@dataclass
+class FewShotSetup:
+    """Everything the losses and the evaluation share: model, images, class splits, sizes and the
+    inner settings used to adapt at evaluation time (``task.metadata["setup"]``)."""
+
+    form: str
+    model: nn.Module
+    images: Tensor  # float32 [N, 1, H, W] on the task's device, ink = 1
+    labels: np.ndarray  # int64 [N]
+    splits: dict[str, np.ndarray]  # split -> class ids
+    n_way: int
+    k_shot: int
+    n_query: int
+    meta_batch: int
+    feature_dim: int
+    head_l2: float
+    inner_steps: int
+    inner_lr: float
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        self.apply = functional(self.model)
+
+    # ------------------------------------------------------------------ episodes
+    def sampler(self, split: str, seed: int) -> EpisodeSampler:
+        if split not in self.splits:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        return EpisodeSampler(
+            self.images,
+            self.labels,
+            self.splits[split],
+            self.n_way,
+            self.k_shot,
+            self.n_query,
+            seed=seed,
+        )
+
+    def episodes(self, split: str, count: int, seed: int) -> Iterator[Episode]:
+        """``count`` seeded episodes of ``split`` in stacked chunks of at most EVAL_CHUNK."""
+        sampler = self.sampler(split, seed)
+        for start in range(0, count, EVAL_CHUNK):
+            yield _cast(sampler.sample_batch(min(EVAL_CHUNK, count - start)), self.dtype)
+
+    # ------------------------------------------------------------------ losses
+    def features(self, x: Tree, images: Tensor) -> Tensor:
+        """[tasks, n, C, H, W] -> [tasks, n, d]: one batched pass, BatchNorm statistics per task."""
+        return vmap(lambda im: self.apply(x, im))(images)
+
+    def head_loss(self, feats: Tensor, labels: Tensor, head: Tree) -> Tensor:
+        """Sum over tasks of support CE + ½·head_l2·‖W‖² (the sum gives each task's head its
+        own gradient, so ``inner_lr`` is a per-task step whatever the meta-batch)."""
+        logits = _head_logits(feats, head)
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+        return (
+            ce.view(labels.shape).mean(1).sum() + 0.5 * self.head_l2 * head["weight"].square().sum()
+        )
+
+    def net_losses(self, y: Tree, images: Tensor, labels: Tensor) -> Tensor:
+        """Per-task CE of per-task weights y (leading task dim), one vmapped pass."""
+        return vmap(lambda p, im, lab: F.cross_entropy(self.apply(p, im), lab))(y, images, labels)
+
+    def lower(self, x: Tree, y: Tree, batch: Episode) -> Tensor:
+        if self.form == "feature":
+            return self.head_loss(self.features(x, batch.support_x), batch.support_y, y)
+        return self.net_losses(y, batch.support_x, batch.support_y).sum()
+
+    def upper(self, x: Tree, y: Tree, batch: Episode) -> Tensor:
+        if self.form == "feature":
+            logits = _head_logits(self.features(x, batch.query_x), y)
+            return F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
+        return self.net_losses(y, batch.query_x, batch.query_y).mean()
+
+    def zero_heads(self, x: Tree, tasks: int) -> Tree:
+        like = next(iter(x.values()))
+        return {
+            "weight": like.new_zeros(tasks, self.n_way, self.feature_dim),
+            "bias": like.new_zeros(tasks, self.n_way),
+        }
+
+    def init_lower(self, x: Tree) -> Tree:
+        """Zero heads (feature form) or per-task copies of x (MAML), for one meta-batch."""
+        if self.form == "feature":
+            return self.zero_heads(x, self.meta_batch)
+        return _stack(x, self.meta_batch)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def accuracy(self, x: Tree, episode: Episode, inner_steps: int, inner_lr: float) -> Tensor:
+        """Query accuracy per episode after ``inner_steps`` plain GD steps of ``inner_lr`` on
+        the inner loss from the form's start (zero heads / the initialisation x)."""
+        x = {k: v.detach() for k, v in x.items()}
+        tasks = episode.support_y.shape[0]
+        if self.form == "feature":
+            support = self.features(x, episode.support_x)
+            head = _descend(
+                lambda h: self.head_loss(support, episode.support_y, h),
+                self.zero_heads(x, tasks),
+                inner_steps,
+                inner_lr,
+            )
+            logits = _head_logits(self.features(x, episode.query_x), head)
+        else:
+            y = _descend(
+                lambda p: self.net_losses(p, episode.support_x, episode.support_y).sum(),
+                _stack(x, tasks),
+                inner_steps,
+                inner_lr,
+            )
+            logits = vmap(self.apply)(y, episode.query_x)
+        return (logits.argmax(-1) == episode.query_y).to(torch.float64).mean(1)
+
+    def mean_accuracy(
+        self, x: Tree, split: str, episodes: int, seed: int, inner_steps: int, inner_lr: float
+    ) -> tuple[float, float]:
+        """Mean query accuracy (percent) over seeded episodes of ``split`` and its 95% interval
+        half-width 1.96·s/√n."""
+        if episodes < 2:
+            raise ValueError(f"episodes must be >= 2 for an interval, got {episodes}")
+        acc = torch.cat(
+            [
+                self.accuracy(x, e, inner_steps, inner_lr)
+                for e in self.episodes(split, episodes, seed)
+            ]
+        ).cpu()
+        return 100 * float(acc.mean()), 100 * 1.96 * float(acc.std()) / math.sqrt(episodes)
+
+
+def evaluate(
+    task: Task,
+    x: Tree,
+    episodes: int = 600,
+    split: str = "test",
+    seed: int = 0,
+    inner_steps: int | None = None,
+    inner_lr: float | None = None,
+) -> tuple[float, float]:
+    """Accuracy (percent) of outer variable ``x`` over ``episodes`` seeded episodes of ``split``
+    and its 95% confidence half-width: the standard 600-episode meta-test protocol.
+
+    Each episode is adapted by plain gradient descent (``inner_steps`` steps of ``inner_lr``;
+    default the task's method defaults) from zero heads (feature form) or from x (MAML).
+    """
+    setup: FewShotSetup = task.metadata["setup"]
+    return setup.mean_accuracy(
+        x,
+        split,
+        episodes,
+        seed,
+        setup.inner_steps if inner_steps is None else inner_steps,
+        setup.inner_lr if inner_lr is None else inner_lr,
+    )
+
+
+@register_task("few_shot")
+def few_shot(
+    form: str = "feature",
+    root: str | Path | None = None,
+    n_way: int = 5,
+    k_shot: int = 5,
+    n_query: int = 15,
+    meta_batch: int = 4,
+    backbone: str = "conv4",
+    hidden: int = 32,
+    head_l2: float = 0.5,
+    n_alphabets: int = 20,
+    n_characters: int = 20,
+    n_drawings: int = 20,
+    image_size: int = 28,
+    split_sizes: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    eval_episodes: int = 100,
+    seed: int = 0,
+    data_seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> Task:
+    """N-way K-shot classification as a bilevel task (see the module docstring for the forms).
+
+    ``root``: an Omniglot-layout folder; ``None`` renders (once, cached) the glyph dataset of
+    ``n_alphabets`` x ``n_characters`` x ``n_drawings`` with ``data_seed``. Alphabets are split
+    into meta-train / meta-validation / meta-test by ``split_sizes`` (fractions or counts of
+    alphabets, seeded by ``data_seed``). ``seed`` fixes the initialisation and the stream of
+    meta-train batches (``task_data``; ``meta_batch`` episodes per outer step). The callback
+    ``val_accuracy`` adapts on ``eval_episodes`` fixed meta-validation episodes (seeded by
+    ``data_seed``, so runs with different ``seed`` compare on the same episodes).
+    """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+    if backbone != "conv4":
+        raise ValueError(f"backbone must be 'conv4' (the only one implemented), got {backbone!r}")
+    if meta_batch < 1 or hidden < 1 or eval_episodes < 2 or head_l2 < 0:
+        raise ValueError("need meta_batch >= 1, hidden >= 1, eval_episodes >= 2, head_l2 >= 0")
+    if root is None:
+        root = glyph_dataset(
+            n_alphabets=n_alphabets,
+            n_characters=n_characters,
+            n_drawings=n_drawings,
+            image_size=image_size,
+            seed=data_seed,
+        )
+    data = load_omniglot(root, image_size=image_size, cache=True)
+    if len(split_sizes) != len(SPLITS):
+        raise ValueError(f"split_sizes needs 3 entries (train, val, test), got {split_sizes!r}")
+    parts = split_classes(data.alphabet_of_class, split_sizes, seed=data_seed)
+    splits = dict(zip(SPLITS, parts, strict=True))
+    d = feature_size(hidden, image_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        features = conv4(hidden)
+        if form == "maml":
+            classifier = nn.Linear(d, n_way)
+            model = nn.Sequential(OrderedDict(features=features, classifier=classifier))
+        else:
+            model = features
+    model = model.to(dtype=dtype, device=device)
+    defaults = METHOD_DEFAULTS[form]
+    setup = FewShotSetup(
+        form=form,
+        model=model,
+        images=torch.from_numpy(data.images).unsqueeze(1).to(device),
+        labels=data.labels,
+        splits=splits,
+        n_way=n_way,
+        k_shot=k_shot,
+        n_query=n_query,
+        meta_batch=meta_batch,
+        feature_dim=d,
+        head_l2=head_l2,
+        inner_steps=defaults["inner_steps"],
+        inner_lr=defaults["inner_lr"],
+        dtype=dtype,
+    )
+    for split in SPLITS:  # fail now, not at the first evaluation, if a split is too small
+        try:
+            setup.sampler(split, 0)
+        except ValueError as err:
+            raise ValueError(
+                f"{split} split: {err} (lower n_way / k_shot / n_query, or use more alphabets, "
+                "characters or drawings)"
+            ) from err
+    stream = EpisodeStream(lambda s: setup.sampler("train", s), meta_batch, seed, dtype)
+    problem = Problem(
+        upper=setup.upper, lower=setup.lower, task_data=stream, init_lower=setup.init_lower
+    )
+
+    def val_accuracy(ctx: StepContext) -> dict[str, float]:
+        mean, _ = setup.mean_accuracy(
+            ctx.x, "val", eval_episodes, data_seed, setup.inner_steps, setup.inner_lr
+        )
+        return {"val_accuracy": mean}
+
+    x0 = params(model)
+    alphabets = {s: sorted({int(data.alphabet_of_class[c]) for c in splits[s]}) for s in SPLITS}
+    return Task(
+        name="few_shot",
+        problem=problem,
+        x0=x0,
+        y0=None,
+        callbacks=[val_accuracy],
+        metadata={
+            "form": form,
+            "root": str(root),
+            "n_way": n_way,
+            "k_shot": k_shot,
+            "n_query": n_query,
+            "meta_batch": meta_batch,
+            "backbone": backbone,
+            "hidden": hidden,
+            "head_l2": head_l2,
+            "image_size": image_size,
+            "classes": {s: len(splits[s]) for s in SPLITS},
+            "alphabets": {s: [data.alphabets[a] for a in alphabets[s]] for s in SPLITS},
+            "eval_episodes": eval_episodes,
+            "seed": seed,
+            "data_seed": data_seed,
+            "setup": setup,
+        },
+        method_defaults=dict(defaults),
+        solve_defaults=dict(SOLVE_DEFAULTS),
+    )
