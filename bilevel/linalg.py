@@ -17,6 +17,7 @@ from bilevel import tree as tr
 from bilevel.tree import Tree
 
 MatVec = Callable[[Tree], Tree]
+_EPS = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 @dataclass
@@ -38,7 +39,9 @@ def conjugate_gradient(
 
     Stops after ``maxiter`` iterations or when ‖r‖ ≤ tol·‖b‖ (tol = 0: exactly ``maxiter``
     iterations, no host sync). A warm start ``x0`` costs one extra matvec. The returned
-    residual is the recursively updated one (no extra matvec).
+    residual is the recursively updated one (no extra matvec). A search direction with
+    (numerically) non-positive curvature pᵀAp ≤ ε‖p‖² takes no step, so a singular or
+    indefinite A gives a finite, if inexact, answer rather than NaN.
     """
     if maxiter < 0:
         raise ValueError(f"maxiter must be >= 0, got {maxiter}")
@@ -55,7 +58,10 @@ def conjugate_gradient(
             break
         ap = matvec(p)
         pap = tr.dot(p, ap)
-        alpha = rr / torch.where(pap != 0, pap, torch.ones_like(pap))
+        # breakdown guard without a host sync: a direction of (numerically) zero or negative
+        # curvature takes no step (A singular or indefinite along p) instead of a huge one
+        curved = pap > _EPS[pap.dtype] * tr.dot(p, p)
+        alpha = torch.where(curved, rr / torch.where(curved, pap, torch.ones_like(pap)), 0.0)
         x = tr.axpy(alpha, p, x)
         r = tr.axpy(-alpha, ap, r)
         rr_new = tr.dot(r, r)

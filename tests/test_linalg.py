@@ -98,3 +98,18 @@ def test_tridiagonal_solve_matches_dense():
         linalg.tridiagonal_solve(torch.zeros(2), torch.ones(1), torch.ones(2))
     with pytest.raises(ValueError, match="off"):
         linalg.tridiagonal_solve(diag, off[:2], rhs)
+
+
+def test_cg_on_singular_matrix_stays_finite():
+    A = torch.diag(torch.tensor([1.0, 0.0], dtype=torch.float64))
+    b = {"v": torch.tensor([-0.7, -0.3], dtype=torch.float64)}
+    for k in (1, 5, 20):
+        v, info = linalg.conjugate_gradient(lambda t: {"v": A @ t["v"]}, b, maxiter=k, tol=0.0)
+        assert torch.isfinite(v["v"]).all() and torch.isfinite(info.residual)
+
+
+def test_cg_consistent_singular_system_solved_in_range():
+    A = torch.diag(torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64))
+    b = {"v": torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)}
+    v, _ = linalg.conjugate_gradient(lambda t: {"v": A @ t["v"]}, b, maxiter=10, tol=1e-12)
+    assert torch.allclose(v["v"], torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64))

@@ -1,0 +1,169 @@
+"""Hyper-representation: the outer variable is a feature map, the inner one a ridge head on it.
+
+    lower(x, w) = ½·mean((φ_x(X_tr) w − t_tr)²) + ½·reg·‖w‖²      (train set)
+    upper(x, w) = ½·mean((φ_x(X_val) w − t_val)²)                  (validation set)
+
+``linear``: φ_H(X) = X H with H ∈ R^{p×d}. ``deep``: φ is a two-layer sigmoid network
+(p → hidden → d, the paper's 256 → 512 → 256) whose parameters are x. Targets come from a
+teacher of the same form: t = φ_true(X) w_true + noise·ε. Train, validation and test sets have
+n samples each. The setting of Sow, Ji, Liang, "ES-Based Jacobian Enables Faster Bilevel
+Optimization" (arXiv 2110.07004), experiments 1 and 2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from bilevel.modules import functional
+from bilevel.problem import Problem
+from bilevel.solve import StepContext
+from bilevel.tasks.base import Task, register_task
+from bilevel.tree import Tree
+
+_DEFAULTS = {
+    "linear": {"p": 64, "d": 128, "n": 500, "hidden": 0},
+    "deep": {"p": 256, "d": 256, "n": 5000, "hidden": 512},
+}
+
+
+def feature_network(
+    p: int, hidden: int, d: int, gen: torch.Generator, dtype: torch.dtype, device
+) -> tuple[nn.Module, Tree]:
+    """The deep feature map (Linear, Sigmoid, Linear, Sigmoid) and a parameter tree drawn from
+    ``gen`` with PyTorch's default U(±1/√fan_in) scale (the module itself is never initialised
+    with the global RNG)."""
+    net = nn.Sequential(
+        nn.utils.skip_init(nn.Linear, p, hidden, dtype=dtype, device=device),
+        nn.Sigmoid(),
+        nn.utils.skip_init(nn.Linear, hidden, d, dtype=dtype, device=device),
+        nn.Sigmoid(),
+    )
+    tree = {}
+    for name, param in net.named_parameters():
+        fan_in = net[int(name.split(".")[0])].in_features
+        bound = 1.0 / math.sqrt(fan_in)
+        draw = (2 * torch.rand(param.shape, generator=gen, dtype=dtype) - 1) * bound
+        tree[name] = draw.to(device)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            param.copy_(tree[name])
+    return net, {k: v.clone() for k, v in tree.items()}
+
+
+@register_task("hyper_representation")
+def hyper_representation(
+    kind: str = "linear",
+    p: int | None = None,
+    d: int | None = None,
+    n: int | None = None,
+    hidden: int | None = None,
+    reg: float = 0.1,
+    noise: float = 0.1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device = "cpu",
+) -> Task:
+    """Linear (p = 64, d = 128, n = 500) or deep (256 → 512 → 256, n = 5000) hyper-representation;
+    ``None`` sizes take the kind's paper values.
+
+    x is ``{"H": p×d}`` (linear) or the feature network's parameter tree (deep; the module is
+    ``task.metadata["model"]``); y is ``{"w": d}``, started at a fixed seeded point. Callbacks
+    log ``val_loss`` and ``test_loss`` (same form as the upper loss) at the inner iterate.
+    ``metadata`` also holds ``features(x, inputs)`` and the ``splits`` (inputs, targets) by name
+    ("train", "val", "test"), for closed-form checks (the inner problem is ridge regression).
+    """
+    if kind not in _DEFAULTS:
+        raise ValueError(f"kind must be one of {sorted(_DEFAULTS)}, got {kind!r}")
+    sizes = _DEFAULTS[kind]
+    p = sizes["p"] if p is None else p
+    d = sizes["d"] if d is None else d
+    n = sizes["n"] if n is None else n
+    hidden = sizes["hidden"] if hidden is None else hidden
+    for name, value in (("p", p), ("d", d), ("n", n)) + (
+        (("hidden", hidden),) if kind == "deep" else ()
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=dtype).to(device)
+
+    if kind == "linear":
+        model = None
+        true_x = {"H": randn(p, d) / math.sqrt(p)}
+        x0 = {"H": randn(p, d) / math.sqrt(p)}
+
+        def features(x: Tree, inputs: Tensor) -> Tensor:
+            return inputs @ x["H"]
+
+    else:
+        _, true_x = feature_network(p, hidden, d, gen, dtype, device)
+        model, x0 = feature_network(p, hidden, d, gen, dtype, device)
+        apply = functional(model)
+
+        def features(x: Tree, inputs: Tensor) -> Tensor:
+            return apply(x, inputs)
+
+    w_true = randn(d) / math.sqrt(d)
+    splits = {}
+    for split in ("train", "val", "test"):
+        inputs = randn(n, p)
+        with torch.no_grad():
+            targets = features(true_x, inputs) @ w_true + noise * randn(n)
+        splits[split] = (inputs, targets)
+
+    def mse(x: Tree, y: Tree, split: str) -> Tensor:
+        inputs, targets = splits[split]
+        return 0.5 * torch.mean((features(x, inputs) @ y["w"] - targets) ** 2)
+
+    problem = Problem(
+        upper=lambda x, y, batch: mse(x, y, "val"),
+        lower=lambda x, y, batch: mse(x, y, "train") + 0.5 * reg * torch.sum(y["w"] ** 2),
+    )
+
+    def metrics(ctx: StepContext) -> dict[str, float]:
+        return {
+            "val_loss": float(mse(ctx.x, ctx.state.y, "val")),
+            "test_loss": float(mse(ctx.x, ctx.state.y, "test")),
+        }
+
+    inner_steps = 20 if kind == "linear" else 10
+    return Task(
+        name="hyper_representation",
+        problem=problem,
+        x0=x0,
+        y0={"w": randn(d) / math.sqrt(d)},
+        callbacks=[metrics],
+        metadata={
+            "kind": kind,
+            "p": p,
+            "d": d,
+            "n": n,
+            "hidden": hidden if kind == "deep" else None,
+            "reg": reg,
+            "noise": noise,
+            "seed": seed,
+            "model": model,
+            "features": features,
+            "splits": splits,
+        },
+        # the paper: GD 1e-3 with a fixed start, N = 20 (linear) / 10 (deep); ES μ 0.01 / 0.1
+        method_defaults={
+            "inner_steps": inner_steps,
+            "inner_lr": 1e-3,
+            "inner_optimizer": "gd",
+            "warm_start": False,
+            "solver_lr": 1e-3,
+            "directions": 1,
+            "mu": 0.01 if kind == "linear" else 0.1,
+        },
+        solve_defaults={
+            "steps": 100,
+            "outer_optimizer": "adam",
+            "outer_lr": 0.05 if kind == "linear" else 0.01,
+        },
+    )
