@@ -50,6 +50,10 @@ def test_run_writes_config_metrics_and_checkpoint(tmp_path):
         (["run", "quadratic", "--method", "cg", "-o", "bogus=1"], "no option(s) bogus"),
         (["run", "quadratic", "--method", "cg", "-t", "bogus=1"], "no option(s) bogus"),
         (["bench", "quadratic", "--methods", "cg,nope"], "unknown method 'nope'"),
+        (
+            ["run", "hyper_cleaning", "--method", "cg", "-t", "data_root=/nonexistent/fmnist"],
+            "dataset-fashion-mnist",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, args, message):
