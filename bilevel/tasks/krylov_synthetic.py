@@ -22,6 +22,7 @@ from torch.func import grad, vjp
 from bilevel.problem import Problem
 from bilevel.solve import StepContext
 from bilevel.tasks.base import Task, register_task
+from bilevel.tasks.quadratic import random_spd
 from bilevel.tree import Tree
 
 
@@ -112,9 +113,7 @@ def krylov_synthetic_data(
         return low + (high - low) * torch.rand(n, generator=gen, dtype=dtype)
 
     c, d, e = uniform(-5.0, 5.0), uniform(0.1, 1.1), uniform(0.0, gamma)
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=dtype))
-    eig = torch.linspace(1.0, kappa, n, dtype=dtype)
-    G = (q * eig) @ q.T
+    G = kappa * random_spd(n, kappa, gen, dtype, "cpu")  # eigenvalues evenly in [1, κ]
     G = 0.5 * (G + G.T)  # exactly symmetric, so HVPs and dense solves agree
     x0 = torch.randn(n, generator=gen, dtype=dtype)
     y0 = torch.randn(n, generator=gen, dtype=dtype)

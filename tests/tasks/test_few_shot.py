@@ -3,7 +3,6 @@ installed, on a tiny generated glyph set)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +15,6 @@ from bilevel.data.glyphs import FONT_PACKAGES, discover_fonts
 from bilevel.tasks.few_shot import evaluate, few_shot
 
 from helpers import relative_error
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These problems are tiny: one intra-op thread is faster (and immune to a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 TINY = {"n_way": 3, "k_shot": 2, "n_query": 2, "meta_batch": 2, "hidden": 4, "eval_episodes": 4}
 TINY["image_size"] = 16  # conv-4 minimum: keeps the tests fast

@@ -92,15 +92,6 @@ def test_mlp_inner_model_is_seeded():
     assert torch.isfinite(a.problem.lower_value(a.x0, a.y0))
 
 
-@pytest.fixture
-def one_thread():
-    """Small matmuls: one thread is much faster than two on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _take(stream, n):
     return [b.clone() for b in itertools.islice(iter(stream), n)]
 
@@ -141,7 +132,7 @@ def test_detection_scores():
     assert detection_scores(torch.zeros(4), clean)["f1"] == 0.0  # sigmoid(0) = 0.5 is not > 0.5
 
 
-def test_short_cg_solve_detects_corrupted_labels(digits, one_thread):
+def test_short_cg_solve_detects_corrupted_labels(digits):
     method = bl.method("cg", **digits.method_options("cg"))
     result = bl.solve(
         digits.problem,

@@ -11,15 +11,6 @@ from bilevel.tasks.hyper_representation import hyper_representation
 SMALL = {"linear": {"p": 8, "d": 12, "n": 60}, "deep": {"p": 10, "hidden": 16, "d": 8, "n": 80}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny problems: one thread avoids thread-pool wake-ups dominating each oracle call
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_shapes_and_paper_defaults():
     linear = hyper_representation("linear", **SMALL["linear"])
     assert linear.x0["H"].shape == (8, 12) and linear.y0["w"].shape == (12,)

@@ -11,15 +11,6 @@ import bilevel as bl
 from bilevel.tasks.krylov_synthetic import krylov_synthetic
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny problems: one thread avoids thread-pool wake-ups dominating each oracle call
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 

@@ -11,15 +11,6 @@ from bilevel import tree as tr
 from bilevel.tasks.l2_regularization import l2_regularization
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small problems: one thread avoids thread-pool wake-ups dominating each oracle call
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def inner_fit(task, x, steps: int = 15):
     """y*(x) by Newton's method on the flattened lower loss (independent of the methods)."""
 

@@ -9,15 +9,6 @@ import bilevel as bl
 from bilevel.tasks.lls_toy import lls_toy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny problems: one thread avoids thread-pool wake-ups dominating each oracle call
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_inner_solution_moves_y1_only():
     task = lls_toy(dim=3)
     x = {"x": torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)}
