@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from bilevel import tree as tr
+from bilevel.checks import check_positive
 from bilevel.problem import Problem
 from bilevel.tree import Tree
 
@@ -96,8 +97,7 @@ def make_inner_optimizer(spec: str | InnerOptimizer, lr: float) -> InnerOptimize
                 f"unknown inner_optimizer {spec!r}; choose one of {', '.join(INNER_OPTIMIZERS)} "
                 "or pass an object with init(y) and update(y, grad, state)"
             )
-        if not lr > 0:
-            raise ValueError(f"inner_lr must be positive, got {lr}")
+        check_positive("inner_lr", lr)
         return INNER_OPTIMIZERS[spec](lr)
     if not (hasattr(spec, "init") and hasattr(spec, "update")):
         raise TypeError("inner_optimizer must be a name or have init(y) and update(y, grad, state)")

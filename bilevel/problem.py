@@ -105,10 +105,6 @@ class Problem:
         if self.task_data is not None:
             self.current_task = self._next("task", self.task_data)
 
-    @property
-    def stochastic(self) -> bool:
-        return any(d is not None for d in (self.lower_data, self.upper_data, self.task_data))
-
     def _data(self, which: str) -> Iterable | None:
         return {"lower": self.lower_data, "upper": self.upper_data, "task": self.task_data}[which]
 
@@ -200,7 +196,7 @@ class Problem:
     def grad_lower_y(self, x: Tree, y: Tree, batch: Any = None) -> Tree:
         """∇_y g(x, y). Differentiable w.r.t. x and y (usable inside an unrolled graph)."""
         self._count("lower_grad")
-        out = grad(lambda y_: _scalar(self.lower(x, y_, batch), "lower"))(y)
+        out = self._grad_lower_y(x, y, batch)
         self.watch("lower_grad", out)
         return out
 
@@ -244,6 +240,7 @@ class Problem:
         return out
 
     def _grad_lower_y(self, x: Tree, y: Tree, batch: Any) -> Tree:
+        """∇_y g, uncounted: the building block of the counted oracles."""
         return grad(lambda y_: _scalar(self.lower(x, y_, batch), "lower"))(y)
 
     # ----------------------------------------------------------------- start

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bilevel import tree as tr
+from bilevel.checks import check_int, check_positive
 from bilevel.methods.base import Method, MethodState
 from bilevel.methods.base import method as make_method
 from bilevel.problem import Problem, validate
@@ -77,8 +78,7 @@ def hypergrad(
     estimate. ``x`` and ``y`` are not modified.
     """
     method = _as_method(method)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    check_int("steps", steps, 1)
     x, y = validate(problem, x, y)
     x = tr.clone(x)
     state = method.init(problem, x, y)
@@ -102,8 +102,7 @@ def make_outer_optimizer(
         spec = OUTER_OPTIMIZERS[spec]
     if not (isinstance(spec, type) and issubclass(spec, torch.optim.Optimizer)):
         raise TypeError("outer_optimizer must be a name or a torch.optim.Optimizer subclass")
-    if not lr > 0:
-        raise ValueError(f"outer_lr must be positive, got {lr}")
+    check_positive("outer_lr", lr)
     return spec(list(params), lr=lr)
 
 
@@ -142,13 +141,11 @@ def solve(
         :class:`Result` with x, y, history and the method state.
     """
     method = _as_method(method)
-    for name, value, minimum in (
-        ("steps", steps, 0),
-        ("checkpoint_every", checkpoint_every, 1),
-        ("log_every", log_every, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    check_int("steps", steps, 0)
+    check_int("checkpoint_every", checkpoint_every, 1)
+    check_int("log_every", log_every, 1)
+    if time_budget is not None:
+        check_positive("time_budget", time_budget)
     torch.manual_seed(seed)
     x, y = validate(problem, x, y)
     params = tr.clone(x)
@@ -165,18 +162,17 @@ def solve(
     # step's task batch
     fixed_batch = None if problem.upper_data is None else next(iter(problem.upper_data))
     bar = tqdm(total=steps, initial=start, disable=not progress, desc=method.name)
-    if time_budget is not None and not time_budget > 0:
-        raise ValueError(f"time_budget must be positive seconds, got {time_budget!r}")
     for step in range(start, steps):
         if time_budget is not None and elapsed >= time_budget:
             break
         done = step + 1
         logged = done % log_every == 0 or done == steps
+        # the point hg is estimated at, kept for callbacks (a budget may end any step); copied
+        # before the timer starts because it is bookkeeping, not the method's work
+        hg_x = tr.clone(params) if logged or time_budget is not None else params
         tick = time.perf_counter()
         problem.next_task()
         hg, state = method.step(problem, params, state)
-        # the point hg was estimated at, for callbacks (a budget may end any step)
-        hg_x = tr.clone(params) if logged or time_budget is not None else params
         problem.raise_if_nonfinite(step)
         for k, p in params.items():
             p.grad = hg[k].to(p.dtype)

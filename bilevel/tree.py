@@ -7,7 +7,7 @@ Every function here is pure (no in-place updates) so that it can run inside an a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -35,11 +35,6 @@ def check_tree(tree: object, name: str) -> Tree:
         if not value.is_floating_point():
             raise TypeError(f"{name}[{key!r}] must be a floating tensor, got dtype {value.dtype}")
     return dict(tree)
-
-
-def tree_map(fn: Callable[..., Tensor], tree: Tree, *rest: Tree) -> Tree:
-    """Apply ``fn`` leaf-wise over trees with the same keys."""
-    return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
 
 
 def add(a: Tree, b: Tree) -> Tree:

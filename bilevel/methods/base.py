@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from bilevel import tree as tr
+from bilevel.checks import check_int, reject_unknown_options
 from bilevel.inner import InnerOptimizer, make_inner_optimizer
 from bilevel.problem import Problem
 from bilevel.tree import Tree
@@ -43,7 +44,7 @@ class Method:
     warm_start: bool = True
 
     def __post_init__(self) -> None:
-        check_int(self, "inner_steps", minimum=0)
+        check_int("inner_steps", self.inner_steps, 0)
         self.optimizer = make_inner_optimizer(self.inner_optimizer, self.inner_lr)
 
     def init(self, problem: Problem, x: Tree, y: Tree | None) -> MethodState:
@@ -101,23 +102,5 @@ def method(name: str, **options: Any) -> Method:
     """Build a registered method by name; unknown options raise a ``TypeError`` listing the
     options the method has."""
     cls = method_class(name)
-    known = cls.option_names()
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise TypeError(
-            f"method {name!r} has no option(s) {', '.join(unknown)}; its options are: "
-            f"{', '.join(known)}"
-        )
+    reject_unknown_options("method", name, options, cls.option_names())
     return cls(**options)
-
-
-def check_int(obj: object, name: str, minimum: int) -> None:
-    value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_positive(obj: object, name: str) -> None:
-    value = getattr(obj, name)
-    if not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")

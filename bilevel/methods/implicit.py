@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bilevel import tree as tr
+from bilevel.checks import check_int, check_positive
 from bilevel.inner import run_inner
 from bilevel.linalg import SolveInfo, conjugate_gradient, fixed_point, neumann
-from bilevel.methods.base import Method, MethodState, check_int, check_positive, register
+from bilevel.methods.base import Method, MethodState, register
 from bilevel.problem import Problem
 from bilevel.tree import Tree
 
@@ -39,7 +40,7 @@ class Implicit(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int(self, "solver_iters", minimum=0)
+        check_int("solver_iters", self.solver_iters, 0)
 
     def init(self, problem: Problem, x: Tree, y: Tree | None) -> ImplicitState:
         base = super().init(problem, x, y)
@@ -101,8 +102,8 @@ class NeumannSeries(Implicit):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive(self, "solver_lr")
-        check_int(self, "solver_iters", minimum=1)
+        check_positive("solver_lr", self.solver_lr)
+        check_int("solver_iters", self.solver_iters, 1)
 
     def solve(self, problem, x, y, b, v0, batch):
         return neumann(
@@ -120,7 +121,7 @@ class FixedPoint(Implicit):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive(self, "solver_lr")
+        check_positive("solver_lr", self.solver_lr)
 
     def solve(self, problem, x, y, b, v0, batch):
         return fixed_point(

@@ -15,8 +15,9 @@ import torch
 from torch.func import grad, jvp, vmap
 
 from bilevel import tree as tr
+from bilevel.checks import check_int
 from bilevel.inner import run_inner
-from bilevel.methods.base import Method, MethodState, check_int, register
+from bilevel.methods.base import Method, MethodState, register
 from bilevel.problem import Problem
 from bilevel.tree import Tree
 
@@ -36,7 +37,7 @@ class ITD(Method):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.truncate is not None:
-            check_int(self, "truncate", minimum=0)
+            check_int("truncate", self.truncate, 0)
 
     def step(self, problem: Problem, x: Tree, state: MethodState) -> tuple[Tree, MethodState]:
         x = tr.detach(x)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bilevel.checks import reject_unknown_options
 from bilevel.methods.base import method_class
 from bilevel.problem import Problem
 from bilevel.solve import Callback
@@ -72,11 +73,5 @@ def task_factory(name: str) -> TaskFactory:
 def make(name: str, **options: Any) -> Task:
     """Build a registered task; unknown options raise a ``TypeError`` listing the valid ones."""
     factory = task_factory(name)
-    params = inspect.signature(factory).parameters
-    unknown = sorted(set(options) - set(params))
-    if unknown:
-        raise TypeError(
-            f"task {name!r} has no option(s) {', '.join(unknown)}; its options are: "
-            f"{', '.join(params)}"
-        )
+    reject_unknown_options("task", name, options, list(inspect.signature(factory).parameters))
     return factory(**options)
