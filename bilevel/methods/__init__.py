@@ -1,5 +1,11 @@
 """Hypergradient methods: one file per family, each class an ``init`` + ``step``."""
 
+# importing a family's module registers its methods
+from bilevel.methods import bda as _bda  # noqa: F401
+from bilevel.methods import es as _es  # noqa: F401
+from bilevel.methods import krylov as _krylov  # noqa: F401
+from bilevel.methods import langevin as _langevin  # noqa: F401
+from bilevel.methods import single_loop as _single_loop  # noqa: F401
 from bilevel.methods.base import (
     Method,
     MethodState,

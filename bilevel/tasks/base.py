@@ -21,7 +21,9 @@ class Task:
     ``callbacks`` compute task metrics at logged steps (``cb(ctx) -> dict``, see
     :class:`~bilevel.solve.StepContext`); ``metadata`` records the protocol (sizes, seeds,
     reference values) for result files; ``method_defaults`` are the options (``inner_steps``,
-    ``inner_lr``, ...) that suit the task, applied to every method that has them;
+    ``inner_lr``, ...) that suit the task, applied to every method that has them — a key that is
+    a method's name holds options for that method only (``{"bda": {"mu": 0.5}}``), for option
+    names that mean different things in different methods;
     ``solve_defaults`` the outer loop's (``steps``, ``outer_optimizer``, ``outer_lr``);
     ``references`` computes reference points shown beside the methods in benchmark tables
     (``{"oracle": {"test_accuracy": 84.1}, ...}``), called once per benchmark.
@@ -41,7 +43,8 @@ class Task:
         """This task's recommended options that ``method_name`` accepts, then ``overrides``."""
         known = set(method_class(method_name).option_names())
         chosen = {k: v for k, v in self.method_defaults.items() if k in known}
-        return {**chosen, **overrides}
+        specific = self.method_defaults.get(method_name, {})
+        return {**chosen, **specific, **overrides}
 
 
 TaskFactory = Callable[..., Task]

@@ -158,8 +158,10 @@ def hyper_representation(
             "inner_optimizer": "gd",
             "warm_start": False,
             "solver_lr": 1e-3,
-            "directions": 1,
-            "mu": 0.01 if kind == "linear" else 0.1,
+            **{
+                name: {"directions": 1, "mu": 0.01 if kind == "linear" else 0.1}
+                for name in ("esj", "esj_s", "hozog")
+            },
         },
         solve_defaults={
             "steps": 100,

@@ -84,9 +84,7 @@ def lls_toy(
             "inner_steps": 16,
             "warm_start": False,
             "solver_lr": 0.5,
-            "s_l": 0.5,
-            "s_u": 0.5,
-            "mu": 0.5,
+            "bda": {"s_l": 0.5, "s_u": 0.5, "mu": 0.5},
         },
         solve_defaults={"steps": 2000, "outer_optimizer": "sgd", "outer_lr": 0.5},
     )

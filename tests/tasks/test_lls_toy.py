@@ -76,3 +76,10 @@ def test_metadata_and_validation():
     assert task.solve_defaults == {"steps": 2000, "outer_optimizer": "sgd", "outer_lr": 0.5}
     with pytest.raises(ValueError, match="dim"):
         lls_toy(dim=0)
+
+
+def test_method_specific_defaults_reach_only_that_method():
+    """``mu`` is BDA's aggregation weight here; other methods never see it."""
+    task = lls_toy(dim=1)
+    assert task.method_options("itd") == {"inner_lr": 0.5, "inner_steps": 16, "warm_start": False}
+    assert "mu" not in task.method_options("cg")
