@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from bilevel import distributed
 from bilevel import tree as tr
 from bilevel.checks import check_int, check_positive
 from bilevel.methods.base import Method, MethodState
@@ -86,6 +87,8 @@ def hypergrad(
         problem.next_task()
         hg, state = method.step(problem, x, state)
         problem.raise_if_nonfinite(step)
+    if problem.sharding == "tasks":
+        hg = distributed.all_reduce_mean(hg)
     return tr.detach(hg)
 
 
@@ -150,6 +153,7 @@ def solve(
     x, y = validate(problem, x, y)
     params = tr.clone(x)
     optimizer = make_outer_optimizer(outer_optimizer, params.values(), outer_lr)
+    distributed.broadcast_(params)  # every rank starts from rank 0's x
     state = method.init(problem, params, y)
     history: list[dict[str, Any]] = []
     start = 0
@@ -173,6 +177,8 @@ def solve(
         tick = time.perf_counter()
         problem.next_task()
         hg, state = method.step(problem, params, state)
+        if problem.sharding == "tasks":
+            hg = distributed.all_reduce_mean(hg)
         problem.raise_if_nonfinite(step)
         for k, p in params.items():
             p.grad = hg[k].to(p.dtype)
@@ -187,6 +193,8 @@ def solve(
         if logged:
             with problem.uncounted():
                 upper = problem.upper_value(params, state.y, _eval_batch(problem, fixed_batch))
+            if problem.sharding == "tasks":
+                upper = distributed.all_reduce_mean({"upper": upper.detach()})["upper"]
             row: dict[str, Any] = {
                 "step": done,
                 "seconds": elapsed,
@@ -201,7 +209,9 @@ def solve(
                 on_log(row)
             bar.set_postfix(upper_loss=f"{row['upper_loss']:.4g}")
         if path is not None and (done % checkpoint_every == 0 or done == steps or out_of_time):
-            _save(path, done, problem, params, optimizer, state, history, base_counts)
+            if distributed.is_main():
+                _save(path, done, problem, params, optimizer, state, history, base_counts)
+            distributed.barrier()  # no rank runs ahead of a checkpoint it may resume from
         bar.update(1)
     bar.close()
     return Result(x=tr.detach(params), y=tr.detach(state.y), history=history, state=state)

@@ -1,0 +1,139 @@
+"""Scale-out with torch.distributed: tasks and ES directions split across ranks.
+
+Launch with ``torchrun --nproc-per-node R script.py`` (or ``bilevel run ... --nproc R``); call
+:func:`init` once at the start. Every rank builds the same problem from the same seed, so all
+ranks draw the same meta-batch and the same random directions; each rank then works on its
+share only:
+
+- ``tasks``: :func:`shard_tasks` gives each rank a contiguous slice of every meta-batch;
+  :func:`bilevel.solve` averages the ranks' hypergradients (the upper loss is a mean over
+  tasks, so the average over equal slices is the full meta-batch's hypergradient).
+- ``directions``: evolution-strategies methods split their Q directions by :func:`shard`
+  and sum the per-direction terms with one all-reduce (no problem change needed).
+
+x stays identical on every rank: the same start, the same all-reduced hypergradient and the
+same optimizer. Rank 0 alone writes checkpoints; every rank reads them on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from bilevel import tree as tr
+from bilevel.problem import Problem
+from bilevel.tree import Tree
+
+
+def is_active() -> bool:
+    """True inside an initialised process group with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_active() else 1
+
+
+def is_main() -> bool:
+    """Rank 0, or the only process: the one that writes files."""
+    return rank() == 0
+
+
+def init(backend: str | None = None) -> None:
+    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...);
+    a no-op when the script was not launched by torchrun. ``backend`` defaults to nccl on CUDA
+    machines, gloo otherwise."""
+    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def shard(n: int) -> range:
+    """This rank's contiguous share of ``range(n)``; shares differ in size by at most one."""
+    base, extra = divmod(n, world_size())
+    r = rank()
+    start = r * base + min(r, extra)
+    return range(start, start + base + (r < extra))
+
+
+def all_reduce_sum(t: Tree) -> Tree:
+    """Sum of a tree over ranks, in one collective on the flattened tree."""
+    if not is_active():
+        return t
+    flat = tr.flatten(t).clone()
+    dist.all_reduce(flat)
+    return tr.unflatten(flat, t)
+
+
+def all_reduce_mean(t: Tree) -> Tree:
+    """Average of a tree over ranks."""
+    if not is_active():
+        return t
+    return tr.scale(all_reduce_sum(t), 1.0 / world_size())
+
+
+def broadcast_(t: Tree, src: int = 0) -> None:
+    """Overwrite ``t`` in place with rank ``src``'s values."""
+    if is_active():
+        for value in t.values():
+            dist.broadcast(value.data, src)
+
+
+def barrier() -> None:
+    if is_active():
+        dist.barrier()
+
+
+def slice_batch(batch: Any, part: range) -> Any:
+    """Rows ``part`` (leading dim) of every tensor in a batch: a tensor, a tuple, list or dict
+    of them, or a dataclass (such as an episode) holding them."""
+    if isinstance(batch, Tensor):
+        return batch[part.start : part.stop]
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+        return dataclasses.replace(batch, **{k: slice_batch(v, part) for k, v in fields.items()})
+    if isinstance(batch, dict):
+        return {k: slice_batch(v, part) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(slice_batch(v, part) for v in batch)
+    return batch
+
+
+class _TaskShards:
+    """An iterable of meta-batches, each cut to this rank's tasks."""
+
+    def __init__(self, data: Iterable, tasks: int) -> None:
+        if tasks % world_size():
+            raise ValueError(
+                f"a meta-batch of {tasks} tasks does not split evenly over "
+                f"{world_size()} ranks; choose a meta-batch divisible by the number of ranks"
+            )
+        self.data, self.part = data, shard(tasks)
+
+    def __iter__(self) -> Iterator[Any]:
+        return (slice_batch(batch, self.part) for batch in self.data)
+
+
+def shard_tasks(problem: Problem, tasks: int) -> Problem:
+    """Give this rank its share of each meta-batch of ``tasks`` tasks (in place; returns the
+    problem). ``init_lower`` must size y for ``tasks // world_size()`` tasks."""
+    if problem.task_data is None:
+        raise ValueError("shard_tasks needs a problem with task_data (one meta-batch per step)")
+    if is_active():
+        problem.task_data = _TaskShards(problem.task_data, tasks)
+        problem.sharding = "tasks"
+    return problem
