@@ -20,15 +20,17 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from bilevel import tree as tr
-from bilevel.problem import Problem
 from bilevel.tree import Tree
+
+if TYPE_CHECKING:
+    from bilevel.problem import Problem
 
 
 def is_active() -> bool:
@@ -113,27 +115,66 @@ def slice_batch(batch: Any, part: range) -> Any:
     return batch
 
 
-class _TaskShards:
-    """An iterable of meta-batches, each cut to this rank's tasks."""
+class _Shards:
+    """An iterable of batches, each cut to this rank's share of its rows."""
 
-    def __init__(self, data: Iterable, tasks: int) -> None:
-        if tasks % world_size():
-            raise ValueError(
-                f"a meta-batch of {tasks} tasks does not split evenly over "
-                f"{world_size()} ranks; choose a meta-batch divisible by the number of ranks"
-            )
-        self.data, self.part = data, shard(tasks)
+    def __init__(self, data: Iterable, what: str) -> None:
+        self.data, self.what = data, what
 
     def __iter__(self) -> Iterator[Any]:
-        return (slice_batch(batch, self.part) for batch in self.data)
+        for batch in self.data:
+            rows = leading_size(batch)
+            if rows % world_size():
+                raise ValueError(
+                    f"a {self.what} of {rows} does not split evenly over {world_size()} ranks; "
+                    f"choose a {self.what} divisible by the number of ranks"
+                )
+            yield slice_batch(batch, shard(rows))
 
 
-def shard_tasks(problem: Problem, tasks: int) -> Problem:
-    """Give this rank its share of each meta-batch of ``tasks`` tasks (in place; returns the
-    problem). ``init_lower`` must size y for ``tasks // world_size()`` tasks."""
+def leading_size(batch: Any) -> int:
+    """The leading dimension of the first tensor in a batch."""
+    if isinstance(batch, Tensor):
+        return batch.shape[0]
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        values = [getattr(batch, f.name) for f in dataclasses.fields(batch)]
+    elif isinstance(batch, dict):
+        values = list(batch.values())
+    elif isinstance(batch, list | tuple):
+        values = list(batch)
+    else:
+        values = []
+    for value in values:
+        try:
+            return leading_size(value)
+        except TypeError:
+            continue
+    raise TypeError(f"cannot split a batch of type {type(batch).__name__}: no tensor in it")
+
+
+def shard_tasks(problem: Problem) -> Problem:
+    """Give this rank its share of each meta-batch (in place; returns the problem).
+    ``init_lower`` must size y for ``meta_batch // world_size()`` tasks."""
     if problem.task_data is None:
         raise ValueError("shard_tasks needs a problem with task_data (one meta-batch per step)")
     if is_active():
-        problem.task_data = _TaskShards(problem.task_data, tasks)
+        problem.task_data = _Shards(problem.task_data, "meta-batch")
         problem.sharding = "tasks"
+    return problem
+
+
+def shard_data(problem: Problem) -> Problem:
+    """Data-parallel inner problem: each rank keeps its slice of every lower and upper batch,
+    and every oracle returns the mean over ranks (one all-reduce per
+    oracle call, as DistributedDataParallel does for a training step). The losses must be
+    means over the batch. For methods that do not differentiate through oracle calls (esj_s,
+    soba, stocbio, amigo, cg, sgld, ...); unrolled methods (itd, bda) need ``shard_tasks``."""
+    if problem.lower_data is None and problem.upper_data is None:
+        raise ValueError("shard_data needs a problem with lower_data or upper_data batches")
+    if is_active():
+        for which in ("lower_data", "upper_data"):
+            data = getattr(problem, which)
+            if data is not None:
+                setattr(problem, which, _Shards(data, "batch size"))
+        problem.sharding = "data"
     return problem

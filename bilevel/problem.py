@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp
 
+from bilevel import distributed
 from bilevel import tree as tr
 from bilevel.tree import Tree
 
@@ -88,7 +89,7 @@ class Problem:
         ):
             raise TypeError(f"lower_autocast must be a float torch.dtype, got {lower_autocast!r}")
         self.lower_autocast = lower_autocast
-        self.sharding: str | None = None  # "tasks" once bilevel.distributed.shard_tasks ran
+        self.sharding: str | None = None  # "tasks" / "data": set by bilevel.distributed
         self.current_task: Any = None
         self.check_finite = check_finite
         self.counts: Counter[str] = Counter()
@@ -198,23 +199,23 @@ class Problem:
     # ----------------------------------------------------------------- oracles
     def lower_value(self, x: Tree, y: Tree, batch: Any = None) -> Tensor:
         self._count("lower_eval")
-        return _scalar(self.lower(x, y, batch), "lower")
+        return self._across_ranks(_scalar(self.lower(x, y, batch), "lower"))
 
     def upper_value(self, x: Tree, y: Tree, batch: Any = None) -> Tensor:
         self._count("upper_eval")
-        return _scalar(self.upper(x, y, batch), "upper")
+        return self._across_ranks(_scalar(self.upper(x, y, batch), "upper"))
 
     def grad_lower_y(self, x: Tree, y: Tree, batch: Any = None) -> Tree:
         """∇_y g(x, y). Differentiable w.r.t. x and y (usable inside an unrolled graph)."""
         self._count("lower_grad")
-        out = self._grad_lower_y(x, y, batch)
+        out = self._across_ranks(self._grad_lower_y(x, y, batch))
         self.watch("lower_grad", out)
         return out
 
     def grad_lower_x(self, x: Tree, y: Tree, batch: Any = None) -> Tree:
         """∇_x g(x, y)."""
         self._count("lower_grad_x")
-        out = grad(lambda x_: self._lower_loss(x_, y, batch))(x)
+        out = self._across_ranks(grad(lambda x_: self._lower_loss(x_, y, batch))(x))
         self.watch("lower_grad_x", out)
         return out
 
@@ -222,6 +223,7 @@ class Problem:
         """(∇_x f, ∇_y f) at (x, y) from one reverse pass."""
         self._count("upper_grad")
         gx, gy = grad(lambda x_, y_: _scalar(self.upper(x_, y_, batch), "upper"), (0, 1))(x, y)
+        gx, gy = self._across_ranks(gx), self._across_ranks(gy)
         self.watch("upper_grad", gx)
         self.watch("upper_grad", gy)
         return gx, gy
@@ -234,7 +236,7 @@ class Problem:
         """
         self._count("hvp")
         _, pullback = vjp(lambda y_: self._grad_lower_y(x, y_, batch), y)
-        (out,) = pullback(v)
+        out = self._across_ranks(pullback(v)[0])
         self.watch("hvp", out)
         return out
 
@@ -242,7 +244,7 @@ class Problem:
         """∇²_xy g(x, y) · v = ∇_x ⟨∇_y g(x, y), v⟩, a tree shaped like x."""
         self._count("mixed")
         _, pullback = vjp(lambda x_: self._grad_lower_y(x_, y, batch), x)
-        (out,) = pullback(v)
+        out = self._across_ranks(pullback(v)[0])
         self.watch("mixed", out)
         return out
 
@@ -252,8 +254,18 @@ class Problem:
         """(∇_y g, ∇²_yx g · dx + ∇²_yy g · dy): the tangent of the inner gradient."""
         self._count("jvp")
         out = jvp(lambda x_, y_: self._grad_lower_y(x_, y_, batch), (x, y), (dx, dy))
+        out = self._across_ranks(out[0]), self._across_ranks(out[1])
         self.watch("jvp", out[1])
         return out
+
+    def _across_ranks(self, out: Any) -> Any:
+        """Mean over ranks of an oracle's output when each rank holds a slice of every batch
+        (``bilevel.distributed.shard_data``): the all-reduce DistributedDataParallel does."""
+        if self.sharding != "data":
+            return out
+        if isinstance(out, Tensor):
+            return distributed.all_reduce_mean({"value": out})["value"]
+        return distributed.all_reduce_mean(out)
 
     def _grad_lower_y(self, x: Tree, y: Tree, batch: Any) -> Tree:
         """∇_y g, uncounted: the building block of the counted oracles."""

@@ -64,43 +64,88 @@ def x0() -> dict[str, torch.Tensor]:
     return {"w": torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)}
 
 
-def run_solve(method: str) -> dict[str, torch.Tensor]:
-    problem = meta_problem()
-    distributed.shard_tasks(problem, TASKS)
+def run_meta(method: str) -> torch.Tensor:
+    """x after 3 outer steps on meta-batches of 8 tasks, split over the ranks."""
+    problem = distributed.shard_tasks(meta_problem())
     options = {"inner_steps": 4, "inner_lr": 0.1}
     result = bl.solve(
         problem, x0(), None, bl.method(method, **options), steps=3, outer_optimizer="sgd",
         outer_lr=0.1,
     )  # fmt: skip
-    return result.x
+    return result.x["w"]
 
 
-def _worker(rank: int, world: int, init_file: str, out: str, method: str) -> None:
+def run_data(method: str) -> torch.Tensor:
+    """The hypergradient of a weighted logistic regression whose mini-batches of 12 rows
+    are split over the ranks (each oracle averaged over ranks)."""
+    gen = torch.Generator().manual_seed(1)
+    batches = [
+        (
+            torch.randn(12, 4, generator=gen, dtype=torch.float64),
+            torch.randint(0, 2, (12,), generator=gen),
+        )
+        for _ in range(3)
+    ]
+
+    def lower(x, y, batch):
+        a, b = batch
+        margin = (2 * b - 1) * (a @ y["w"])
+        return (torch.nn.functional.softplus(-margin)).mean() + 0.5 * (
+            x["l"].exp() * y["w"] ** 2
+        ).sum()
+
+    def upper(x, y, batch):
+        a, b = batch
+        return torch.nn.functional.softplus(-(2 * b - 1) * (a @ y["w"])).mean()
+
+    problem = distributed.shard_data(
+        bl.Problem(upper, lower, upper_data=batches, lower_data=batches)
+    )
+    x = {"l": torch.zeros(4, dtype=torch.float64)}
+    y = {"w": torch.zeros(4, dtype=torch.float64)}
+    options = {"inner_steps": 5, "inner_lr": 0.5, "solver_iters": 5}
+    return bl.hypergrad(problem, x, y, bl.method(method, **options), steps=3)["l"]
+
+
+CASES = {"meta": run_meta, "data": run_data}
+
+
+def _worker(rank: int, world: int, init_file: str, out: str, case: str, method: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        x = run_solve(method)
-        gathered = [torch.empty_like(x["w"]) for _ in range(world)]
-        dist.all_gather(gathered, x["w"])
+        value = CASES[case](method)
+        gathered = [torch.empty_like(value) for _ in range(world)]
+        dist.all_gather(gathered, value)
         if rank == 0:
             torch.save(gathered, out)
     finally:
         dist.destroy_process_group()
 
 
-def spawn(tmp_path: Path, method: str, world: int = 2) -> list[torch.Tensor]:
-    out = tmp_path / f"{method}.pt"
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(out), method), nprocs=world)
+def spawn(tmp_path: Path, case: str, method: str, world: int = 2) -> list[torch.Tensor]:
+    out = tmp_path / f"{case}-{method}.pt"
+    init = str(tmp_path / f"init-{case}-{method}")
+    mp.spawn(_worker, args=(world, init, str(out), case, method), nprocs=world)
     return torch.load(out)
 
 
 @pytest.mark.parametrize("method", ["itd"])
 def test_two_ranks_split_the_meta_batch_like_one_process(tmp_path, method):
-    single = run_solve(method)["w"]
-    per_rank = spawn(tmp_path, method)
+    single = run_meta(method)
+    per_rank = spawn(tmp_path, "meta", method)
     torch.testing.assert_close(per_rank[0], per_rank[1], rtol=0, atol=0)  # identical x
     torch.testing.assert_close(per_rank[0], single, rtol=0, atol=1e-10)
     assert not torch.equal(single, x0()["w"])  # the outer steps really moved x
+
+
+@pytest.mark.parametrize("method", ["cg"])
+def test_two_ranks_split_each_batch_like_one_process(tmp_path, method):
+    single = run_data(method)
+    per_rank = spawn(tmp_path, "data", method)
+    torch.testing.assert_close(per_rank[0], per_rank[1], rtol=0, atol=0)
+    torch.testing.assert_close(per_rank[0], single, rtol=0, atol=1e-10)
+    assert single.abs().max() > 1e-3
 
 
 def test_shard_covers_every_index_once(monkeypatch):
@@ -121,5 +166,5 @@ def test_slice_batch_cuts_every_tensor_of_a_dataclass():
 
 def test_single_process_is_untouched():
     problem = meta_problem()
-    assert distributed.shard_tasks(problem, TASKS).sharding is None
+    assert distributed.shard_tasks(problem).sharding is None
     assert distributed.world_size() == 1 and distributed.is_main()
