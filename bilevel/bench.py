@@ -15,6 +15,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 import yaml
 
 import bilevel as bl
-from bilevel import tasks
+from bilevel import distributed, tasks
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -47,6 +48,7 @@ class RunConfig:
     log_every: int = 1
     checkpoint_every: int = 25
     threads: int | None = None
+    shard: str = "auto"  # under torchrun: "auto" splits meta-batches, "data" every batch
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
@@ -66,15 +68,13 @@ def run(config: RunConfig, out: str | Path, resume: bool = False, progress: bool
     """
     out = Path(out)
     checkpoint = out / CHECKPOINT
-    if not resume and (out / METRICS).exists():
-        raise FileExistsError(
-            f"{out} already holds a run; resume it with --resume or choose another --out"
-        )
-    if resume and not checkpoint.exists():
-        raise FileNotFoundError(f"nothing to resume: {checkpoint} does not exist")
+    main = distributed.is_main()  # under torchrun, rank 0 alone writes files
+    if main:
+        check_output_folder(out, resume)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     task = tasks.make(config.task, seed=config.seed, **config.task_options)
+    _shard(task.problem, config.shard)
     method = bl.method(config.method, **task.method_options(config.method, **config.method_options))
     solve_options = {
         **{"steps": 100, "outer_optimizer": "adam", "outer_lr": 1e-3},
@@ -85,11 +85,12 @@ def run(config: RunConfig, out: str | Path, resume: bool = False, progress: bool
             solve_options[key] = getattr(config, key)
     if config.budget is not None and config.steps is None:
         solve_options["steps"] = 10**9  # the budget decides
-    _prepare_folder(out)
-    _write_config(out, config, task, method, solve_options)
-    if resume:
-        _truncate_metrics(out, checkpoint)
-    with open(out / METRICS, "a") as stream:
+    if main:
+        _prepare_folder(out)
+        _write_config(out, config, task, method, solve_options)
+        if resume:
+            _truncate_metrics(out, checkpoint)
+    with open(out / METRICS, "a") if main else nullcontext() as stream:
 
         def write(row: dict[str, Any]) -> None:
             stream.write(json.dumps(row) + "\n")
@@ -99,10 +100,31 @@ def run(config: RunConfig, out: str | Path, resume: bool = False, progress: bool
             task.problem, task.x0, task.y0, method,
             callbacks=task.callbacks, checkpoint=checkpoint,
             checkpoint_every=config.checkpoint_every, seed=config.seed,
-            log_every=config.log_every, progress=progress, time_budget=config.budget,
-            on_log=write, **solve_options,
+            log_every=config.log_every, progress=progress and main, time_budget=config.budget,
+            on_log=write if main else None, **solve_options,
         )  # fmt: skip
     return result.history
+
+
+def check_output_folder(out: Path, resume: bool) -> None:
+    """Refuse to overwrite a finished or interrupted run, or to resume a missing one."""
+    if not resume and (out / METRICS).exists():
+        raise FileExistsError(
+            f"{out} already holds a run; resume it with --resume or choose another --out"
+        )
+    if resume and not (out / CHECKPOINT).exists():
+        raise FileNotFoundError(f"nothing to resume: {out / CHECKPOINT} does not exist")
+
+
+def _shard(problem, how: str) -> None:
+    """Under torchrun: split meta-batches (``auto``, when the task has them) or every batch
+    (``data``) over the ranks; a no-op in a single process."""
+    if how not in ("auto", "data", "none"):
+        raise ValueError(f"shard must be auto, data or none, got {how!r}")
+    if how == "data":
+        distributed.shard_data(problem)
+    elif how == "auto" and problem.task_data is not None:
+        distributed.shard_tasks(problem)
 
 
 def _prepare_folder(out: Path) -> None:
@@ -127,6 +149,7 @@ def _write_config(out: Path, config: RunConfig, task, method, solve_options: dic
             "torch": str(torch.__version__),
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
+            "ranks": distributed.world_size(),
             "device": str(next(iter(task.x0.values())).device),
             "bilevel": bl.__version__,
         },

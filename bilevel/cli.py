@@ -12,6 +12,8 @@ Options can also come from a YAML file (``--config``); command-line flags win.
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -22,6 +24,8 @@ import torch
 import yaml
 
 import bilevel as bl
+from bilevel import distributed
+from bilevel.checks import check_int
 from bilevel.data.errors import DataError
 from bilevel.methods.base import method_class
 
@@ -46,7 +50,7 @@ CHECK_OPTIONS = {
 }
 
 RUN_KEYS = ("steps", "budget", "outer_optimizer", "outer_lr", "log_every", "checkpoint_every",
-            "threads")  # fmt: skip
+            "threads", "shard")  # fmt: skip
 
 
 class UsageError(ValueError):
@@ -101,12 +105,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     bl.methods.method_class(config.method)
     bl.tasks.task_factory(config.task)
     out = Path(args.out or f"runs/{config.task}-{config.method}-s{config.seed}")
+    if args.nproc is not None and "WORLD_SIZE" not in os.environ:
+        return _launch(args, out)
+    distributed.init()
     history = run(config, out, resume=args.resume, progress=not args.quiet)
+    if not distributed.is_main():
+        return 0
     if not args.quiet:
         last = history[-1] if history else {}
         shown = {k: v for k, v in last.items() if k != "oracles"}
         print(f"done: {out}  " + "  ".join(f"{k}={_short(v)}" for k, v in shown.items()))
     return 0
+
+
+def _launch(args: argparse.Namespace, out: Path) -> int:
+    """Re-run this command under torchrun with ``--nproc`` processes on this machine."""
+    from bilevel.bench import check_output_folder
+
+    check_int("nproc", args.nproc, 1)
+    check_output_folder(out, args.resume)  # fail here, not in every rank
+    argv = _without_nproc(args.argv)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={args.nproc}", "-m", "bilevel.cli", *argv]  # fmt: skip
+    code = subprocess.run(command).returncode
+    if code != 0:
+        checkpoint = out / "checkpoint.pt"
+        after = (f"finished steps are in {checkpoint}: rerun with --resume to continue"
+                 if checkpoint.exists() else "no checkpoint was written")  # fmt: skip
+        print(f"bilevel: error: a rank of the {args.nproc}-process run failed "
+              f"(torchrun exit {code}); {after}", file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            kept.append(item)
+    return kept
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -208,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("task", nargs="?", help="task name (bench: or a preset: quick)")
         if name == "run":
             p.add_argument("--method", help="method name (see bilevel list)")
+            p.add_argument("--nproc", type=int, help="processes, launched by torchrun")
+            p.add_argument("--shard", choices=["auto", "data", "none"],
+                           help="with --nproc: split meta-batches or every batch")  # fmt: skip
         else:
             p.add_argument("--methods", help="comma-separated method names")
             p.add_argument("--seeds", type=int, help="number of seeds (default 3)")
@@ -232,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.run(args)
     except (ValueError, TypeError, OSError, DataError, RuntimeError, bl.NonFiniteError) as err:

@@ -110,6 +110,8 @@ def slice_batch(batch: Any, part: range) -> Any:
         return dataclasses.replace(batch, **{k: slice_batch(v, part) for k, v in fields.items()})
     if isinstance(batch, dict):
         return {k: slice_batch(v, part) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a NamedTuple
+        return type(batch)(*(slice_batch(v, part) for v in batch))
     if isinstance(batch, list | tuple):
         return type(batch)(slice_batch(v, part) for v in batch)
     return batch

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
+from bilevel import distributed
 from bilevel import tree as tr
 from bilevel.modules import functional, params
 from bilevel.problem import Problem
@@ -147,8 +148,9 @@ def sinusoid(
     def upper(x: Tree, y: Tree, batch: SineTasks) -> Tensor:
         return per_task(y, batch.query_x, batch.query_y).mean()
 
-    def init_lower(x: Tree) -> Tree:
-        return {k: v.unsqueeze(0).repeat(meta_batch, *([1] * v.dim())) for k, v in x.items()}
+    def init_lower(x: Tree) -> Tree:  # one copy per task this rank holds
+        tasks = meta_batch // distributed.world_size()
+        return {k: v.unsqueeze(0).repeat(tasks, *([1] * v.dim())) for k, v in x.items()}
 
     defaults = {"inner_steps": 1, "inner_lr": 0.01}
     test = sample_sine_tasks(
