@@ -12,6 +12,7 @@ from bilevel import methods, tasks
 from bilevel.methods import Method, MethodState, method, methods_available, register
 from bilevel.modules import buffers, functional, params
 from bilevel.problem import NonFiniteError, Problem
+from bilevel.projections import box
 from bilevel.solve import Result, StepContext, hypergrad, solve
 from bilevel.tree import Tree
 
@@ -25,6 +26,7 @@ __all__ = [
     "Result",
     "StepContext",
     "Tree",
+    "box",
     "buffers",
     "functional",
     "hypergrad",

@@ -25,6 +25,7 @@ import yaml
 
 import bilevel as bl
 from bilevel import distributed, tasks
+from bilevel.projections import box, parse_box
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -49,6 +50,11 @@ class RunConfig:
     checkpoint_every: int = 25
     threads: int | None = None
     shard: str = "auto"  # under torchrun: "auto" splits meta-batches, "data" every batch
+    box: list[float] | str | None = None  # project x onto [lo, hi] ("LO,HI" or a pair)
+
+    def __post_init__(self) -> None:
+        if self.box is not None:
+            self.box = parse_box(self.box)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
@@ -101,7 +107,8 @@ def run(config: RunConfig, out: str | Path, resume: bool = False, progress: bool
             callbacks=task.callbacks, checkpoint=checkpoint,
             checkpoint_every=config.checkpoint_every, seed=config.seed,
             log_every=config.log_every, progress=progress and main, time_budget=config.budget,
-            on_log=write if main else None, **solve_options,
+            on_log=write if main else None,
+            project=None if config.box is None else box(*config.box), **solve_options,
         )  # fmt: skip
     return result.history
 

@@ -50,7 +50,7 @@ CHECK_OPTIONS = {
 }
 
 RUN_KEYS = ("steps", "budget", "outer_optimizer", "outer_lr", "log_every", "checkpoint_every",
-            "threads", "shard")  # fmt: skip
+            "threads", "shard", "box")  # fmt: skip
 
 
 class UsageError(ValueError):
@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--log-every", type=int)
         p.add_argument("--checkpoint-every", type=int)
         p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+        p.add_argument("--box", metavar="LO,HI",
+                       help="project x onto [LO, HI] after each outer step")  # fmt: skip
         p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE",
                        help="method option, e.g. -o inner_steps=10 (repeatable)")  # fmt: skip
         p.add_argument("--task-option", "-t", action="append", metavar="KEY=VALUE",

@@ -5,9 +5,9 @@ Launch with ``torchrun --nproc-per-node R script.py`` (or ``bilevel run ... --np
 ranks draw the same meta-batch and the same random directions; each rank then works on its
 share only:
 
-- ``tasks``: :func:`shard_tasks` gives each rank a contiguous slice of every meta-batch;
-  :func:`bilevel.solve` averages the ranks' hypergradients (the upper loss is a mean over
-  tasks, so the average over equal slices is the full meta-batch's hypergradient).
+- ``tasks``: :func:`shard_tasks` gives each rank a contiguous slice of every meta-batch and
+  rescales mean-over-tasks losses so the ranks' losses add up to the full one;
+  :func:`bilevel.solve` sums the ranks' hypergradients.
 - ``directions``: evolution-strategies methods split their Q directions by :func:`shard`
   and sum the per-direction terms with one all-reduce (no problem change needed).
 
@@ -154,15 +154,36 @@ def leading_size(batch: Any) -> int:
     raise TypeError(f"cannot split a batch of type {type(batch).__name__}: no tensor in it")
 
 
-def shard_tasks(problem: Problem) -> Problem:
+def shard_tasks(problem: Problem, upper: str = "mean", lower: str = "sum") -> Problem:
     """Give this rank its share of each meta-batch (in place; returns the problem).
-    ``init_lower`` must size y for ``meta_batch // world_size()`` tasks."""
+
+    ``upper`` / ``lower`` say how each loss combines the tasks of a meta-batch: ``"mean"``
+    (the usual upper loss) or ``"sum"`` (the usual lower loss: each task's head gets its own
+    gradient). A mean is rescaled by 1/ranks on every rank, so the ranks' losses add up to the
+    full meta-batch's loss exactly and the inner dynamics — BDA's aggregated steps included —
+    are the single-process ones; :func:`bilevel.solve` then sums the ranks' hypergradients.
+    ``init_lower`` must size y for ``meta_batch // world_size()`` tasks.
+    """
     if problem.task_data is None:
         raise ValueError("shard_tasks needs a problem with task_data (one meta-batch per step)")
+    for name, how in (("upper", upper), ("lower", lower)):
+        if how not in ("mean", "sum"):
+            raise ValueError(f"{name} must be 'mean' or 'sum' over tasks, got {how!r}")
     if is_active():
         problem.task_data = _Shards(problem.task_data, "meta-batch")
+        if upper == "mean":
+            problem.upper = _scaled(problem.upper, 1.0 / world_size())
+        if lower == "mean":
+            problem.lower = _scaled(problem.lower, 1.0 / world_size())
         problem.sharding = "tasks"
     return problem
+
+
+def _scaled(loss, factor: float):
+    def scaled(x: Tree, y: Tree, batch: Any) -> Tensor:
+        return loss(x, y, batch) * factor
+
+    return scaled
 
 
 def shard_data(problem: Problem) -> Problem:

@@ -34,6 +34,8 @@ ORACLES = (
     "lower_eval",
     "upper_eval",
     "lower_grad_x",  # ∇_x g (zeroth/first-order methods)
+    "upper_hvp",  # ∇²_yy f · v (differentiating through ∇_y f, e.g. BDA's aggregated steps)
+    "upper_mixed",  # ∇²_xy f · v
 )
 
 

@@ -88,7 +88,7 @@ def hypergrad(
         hg, state = method.step(problem, x, state)
         problem.raise_if_nonfinite(step)
     if problem.sharding == "tasks":
-        hg = distributed.all_reduce_mean(hg)
+        hg = distributed.all_reduce_sum(hg)
     return tr.detach(hg)
 
 
@@ -178,7 +178,7 @@ def solve(
         problem.next_task()
         hg, state = method.step(problem, params, state)
         if problem.sharding == "tasks":
-            hg = distributed.all_reduce_mean(hg)
+            hg = distributed.all_reduce_sum(hg)
         problem.raise_if_nonfinite(step)
         for k, p in params.items():
             p.grad = hg[k].to(p.dtype)
@@ -194,7 +194,7 @@ def solve(
             with problem.uncounted():
                 upper = problem.upper_value(params, state.y, _eval_batch(problem, fixed_batch))
             if problem.sharding == "tasks":
-                upper = distributed.all_reduce_mean({"upper": upper.detach()})["upper"]
+                upper = distributed.all_reduce_sum({"upper": upper.detach()})["upper"]
             row: dict[str, Any] = {
                 "step": done,
                 "seconds": elapsed,

@@ -107,7 +107,29 @@ def run_data(method: str) -> torch.Tensor:
     return bl.hypergrad(problem, x, y, bl.method(method, **options), steps=3)["l"]
 
 
-CASES = {"meta": run_meta, "data": run_data}
+def run_es(method: str) -> torch.Tensor:
+    """An ESJ hypergradient with Q = 8 directions, split over the ranks."""
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(20, 5, generator=gen, dtype=torch.float64)
+    b = torch.randint(0, 2, (20,), generator=gen).double()
+
+    def lower(x, y, _):
+        margin = (2 * b - 1) * (a @ y["w"])
+        return (
+            torch.nn.functional.softplus(-margin).mean() + 0.5 * (x["l"].exp() * y["w"] ** 2).sum()
+        )
+
+    def upper(x, y, _):
+        return ((a @ y["w"] - b) ** 2).mean()
+
+    problem = bl.Problem(upper, lower)
+    x = {"l": torch.full((5,), -1.0, dtype=torch.float64)}
+    y = {"w": torch.zeros(5, dtype=torch.float64)}
+    options = {"inner_steps": 10, "inner_lr": 0.5, "directions": 8, "mu": 1e-3}
+    return bl.hypergrad(problem, x, y, bl.method(method, **options), steps=2)["l"]
+
+
+CASES = {"meta": run_meta, "data": run_data, "es": run_es}
 
 
 def _worker(rank: int, world: int, init_file: str, out: str, case: str, method: str) -> None:
@@ -130,7 +152,7 @@ def spawn(tmp_path: Path, case: str, method: str, world: int = 2) -> list[torch.
     return torch.load(out)
 
 
-@pytest.mark.parametrize("method", ["itd"])
+@pytest.mark.parametrize("method", ["itd", "bda"])
 def test_two_ranks_split_the_meta_batch_like_one_process(tmp_path, method):
     single = run_meta(method)
     per_rank = spawn(tmp_path, "meta", method)
@@ -168,3 +190,12 @@ def test_single_process_is_untouched():
     problem = meta_problem()
     assert distributed.shard_tasks(problem).sharding is None
     assert distributed.world_size() == 1 and distributed.is_main()
+
+
+@pytest.mark.parametrize("method", ["esj", "hozog"])
+def test_two_ranks_split_the_directions_like_one_process(tmp_path, method):
+    single = run_es(method)
+    per_rank = spawn(tmp_path, "es", method)
+    torch.testing.assert_close(per_rank[0], per_rank[1], rtol=0, atol=0)
+    torch.testing.assert_close(per_rank[0], single, rtol=0, atol=1e-10)
+    assert single.abs().max() > 1e-3

@@ -1,1 +1,151 @@
-"""Placeholder: being implemented (see the open issue)."""
+"""Single-loop and stochastic hypergradient baselines: SOBA, stocBiO and AmIGO.
+
+All three estimate ∇F(x) = ∇_x f − ∇²_xy g · v with v ≈ A⁻¹ b, A = ∇²_yy g and b = ∇_y f, and
+carry y and v across outer steps (``state.y``, ``state.v``), so a residual diagnostic
+‖A v − b‖ reads them like any implicit method's. With mini-batches (``lower_data`` /
+``upper_data``) every Hessian-vector product of a linear solve and every mixed product draws a
+fresh lower batch, so the estimates stay unbiased where the solver is linear in A (see each
+class).
+
+- Dagréou, Ablin, Vaiter, Moreau, "A framework for bilevel optimization that enables stochastic
+  and global variance reduction algorithms", NeurIPS 2022 (SOBA).
+- Ji, Yang, Liang, "Bilevel Optimization: Convergence Analysis and Enhanced Design", ICML 2021
+  (stocBiO).
+- Arbel, Mairal, "Amortized implicit differentiation for stochastic bilevel optimization",
+  ICLR 2022 (AmIGO).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bilevel import tree as tr
+from bilevel.checks import check_int, check_positive
+from bilevel.inner import run_inner
+from bilevel.linalg import MatVec, conjugate_gradient, fixed_point, neumann
+from bilevel.methods.base import Method, register
+from bilevel.methods.implicit import Implicit, ImplicitState, NeumannSeries
+from bilevel.problem import Problem
+from bilevel.tree import Tree
+
+SOLVERS = ("cg", "gd")
+
+
+def fresh_batch_hvp(problem: Problem, x: Tree, y: Tree) -> MatVec:
+    """v ↦ ∇²_yy g(x, y; batch) · v on the next lower batch at every call (stochastic solvers)."""
+    return lambda v: problem.hvp_lower_yy(x, y, v, problem.lower_batch())
+
+
+@register("soba")
+@dataclass(kw_only=True)
+class SOBA(Method):
+    """SOBA: single-loop joint steps on y and on v (Dagréou et al., NeurIPS 2022).
+
+    Each outer step evaluates, at the *current* iterates (yₜ, vₜ) as in the paper,
+
+        b = ∇_y f(x, yₜ),   hg = ∇_x f(x, yₜ) − ∇²_xy g(x, yₜ) · vₜ,
+        vₜ₊₁ = vₜ − η (∇²_yy g(x, yₜ) · vₜ − b),
+
+    then moves y by ``inner_steps`` optimizer steps from yₜ. The returned estimate therefore uses
+    the y and v *before* this step's updates (the first one, with v₀ = 0, is just ∇_x f);
+    ``state.y``, ``state.v`` hold the updated iterates. η = ``solver_lr`` (stable for
+    η < 2/L). With mini-batches each oracle call draws its own batch (the inner gradients, the
+    HVP and the mixed product on separate lower batches; ∇_x f and ∇_y f share one upper batch,
+    one reverse pass), so each estimate is unbiased given (yₜ, vₜ).
+    Oracles per step: K inner gradients (default K = 1), 1 upper gradient, 1 HVP, 1 mixed.
+    """
+
+    inner_steps: int = 1
+    solver_lr: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("inner_steps", self.inner_steps, 1)
+        check_positive("solver_lr", self.solver_lr)
+        if self.warm_start is not True:
+            raise ValueError(
+                "soba is single-loop: y and v must carry over between outer steps "
+                f"(warm_start=True), got warm_start={self.warm_start!r}"
+            )
+
+    def init(self, problem: Problem, x: Tree, y: Tree | None) -> ImplicitState:
+        """y from the base (``init_lower`` only sets the first y: SOBA never restarts it), v = 0."""
+        base = super().init(problem, x, y)
+        return ImplicitState(y=base.y, y0=base.y0, v=tr.zeros_like(base.y))
+
+    def step(self, problem: Problem, x: Tree, state: ImplicitState) -> tuple[Tree, ImplicitState]:
+        x = tr.detach(x)
+        y, v = state.y, state.v
+        gx, gy = problem.grad_upper(x, y, problem.upper_batch())
+        # A v − b is both the v-direction and a free residual estimate
+        residual = tr.sub(problem.hvp_lower_yy(x, y, v, problem.lower_batch()), gy)
+        hg = tr.sub(gx, problem.mixed_lower_xy(x, y, v, problem.lower_batch()))
+        state.v = tr.axpy(-self.solver_lr, residual, v)
+        state.y = run_inner(problem, x, y, self.inner_steps, self.optimizer)
+        state.info = {"residual": tr.norm(residual)}
+        return hg, state
+
+
+@register("stocbio")
+@dataclass(kw_only=True)
+class StocBiO(NeumannSeries):
+    """stocBiO: warm-started inner steps + a stochastic Neumann series (Ji, Yang, Liang, ICML 2021).
+
+    v = η Σ_{j<J} Π_{i≤j} (I − η Aᵢ) b with J = ``solver_iters`` terms, η = ``solver_lr``
+    (needs η < 2/L) and every Aᵢ on a fresh lower batch; b = ∇_y f shares the upper batch of
+    ∇_x f, and the mixed product takes another lower batch. The factors are independent, so
+    for quadratics E[v] is the full-batch truncated series. Deterministic problems give
+    exactly ``neumann``; the error then decays like (1 − ηµ)^J. Convention: J counts series
+    terms, so a step costs J − 1 HVPs (the paper's Q HVPs is J = Q + 1); v does not warm-start.
+    Oracles per step: K inner gradients, 1 upper gradient, J − 1 HVPs, 1 mixed.
+    """
+
+    solver_iters: int = 10
+
+    def solve(self, problem, x, y, b, v0, batch):
+        return neumann(fresh_batch_hvp(problem, x, y), b, self.solver_lr, self.solver_iters)
+
+
+@register("amigo")
+@dataclass(kw_only=True)
+class AmIGO(Implicit):
+    """AmIGO: warm-started inner steps + J warm-started solver steps on ½vᵀAv − bᵀv
+    (Arbel & Mairal, ICLR 2022).
+
+    ``solver="cg"`` (default, "AmIGO-CG" of the LancBiO paper): J = ``solver_iters``
+    conjugate-gradient steps from the previous v, stopping early at relative residual
+    ``solver_tol`` (0: never, no host sync); all J products use one lower batch (CG needs a
+    fixed operator), so it is biased under noise and its error shrinks with the batch size.
+    ``solver="gd"`` (the paper's stochastic solver): J steps v ← v − η(Aⱼ v − b) with
+    η = ``solver_lr`` and a fresh lower batch per step (unbiased for quadratics given the
+    start). ``solver_tol`` only concerns cg and ``solver_lr`` only gd. The mixed product uses
+    its own lower batch. Oracles per step: K inner gradients, 1 upper gradient, J HVPs (cg: one
+    more for the warm start's residual once v exists), 1 mixed.
+    """
+
+    solver: str = "cg"
+    solver_iters: int = 5
+    solver_tol: float = 1e-10
+    solver_lr: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        check_positive("solver_lr", self.solver_lr)
+        tol = self.solver_tol
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+            raise ValueError(f"solver_tol must be a number >= 0, got {tol!r}")
+
+    def solve(self, problem, x, y, b, v0, batch):
+        if self.solver == "gd":
+            hvp = fresh_batch_hvp(problem, x, y)
+            return fixed_point(hvp, b, v0, self.solver_lr, self.solver_iters)
+        cg_batch = problem.lower_batch()
+        return conjugate_gradient(
+            lambda v: problem.hvp_lower_yy(x, y, v, cg_batch),
+            b,
+            v0,
+            self.solver_iters,
+            self.solver_tol,
+        )

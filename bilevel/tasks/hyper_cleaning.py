@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from bilevel.data.errors import DataNotFoundError
 from bilevel.data.idx import load_fashion_mnist
 from bilevel.data.tabular import load_sklearn
+from bilevel.diagnostics import diagnostic_callbacks
 from bilevel.modules import functional, params
 from bilevel.problem import Problem
 from bilevel.solve import StepContext
@@ -283,6 +284,7 @@ def hyper_cleaning(
     data_root: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    diagnostics: bool = False,
 ) -> Task:
     """Data hyper-cleaning on FashionMNIST (or sklearn digits, needing no system package).
 
@@ -290,7 +292,9 @@ def hyper_cleaning(
     reshuffling, restartable streams of index batches for both levels (the spec's mini-batch
     setting: ``n_train=20000, n_val=5000, batch_size=256``). Callbacks log ``test_accuracy``
     (percent), ``val_loss`` and the clean-sample detection ``f1`` / ``precision`` / ``recall``.
-    ``metadata["data"]`` is the :class:`CleaningSplit`; ``metadata["clean_indices"]`` the truly
+    ``diagnostics=True`` adds the residual ‖A v − b‖ and the method's step info
+    (:func:`bilevel.diagnostics.diagnostic_callbacks`). ``metadata["data"]`` is the
+    :class:`CleaningSplit`; ``metadata["clean_indices"]`` the truly
     clean training samples; :func:`reference_points` gives the oracle / naive accuracies.
 
     Defaults (measured on FashionMNIST, linear, p = 0.5, 5k/5k; docs/tasks/hyper_cleaning.md):
@@ -357,7 +361,7 @@ def hyper_cleaning(
         problem=problem,
         x0={"x": torch.zeros(n_train, dtype=dtype, device=device)},
         y0=y0,
-        callbacks=[metrics],
+        callbacks=[metrics, *(diagnostic_callbacks(problem) if diagnostics else [])],
         metadata={
             "dataset": dataset,
             "corruption": corruption,
@@ -379,6 +383,11 @@ def hyper_cleaning(
             "warm_start": True,
             "solver_iters": 5,
             "solver_lr": INNER_LR[dataset],
+            # LancBiO's hyper-cleaning schedule: m from 1, ×1.3 every 50 steps, at most 10
+            "m": 1,
+            "m_growth": 1.3,
+            "m_period": 50,
+            "m_max": 10,
         },
         solve_defaults={"steps": 3000, "outer_optimizer": "adam", "outer_lr": 0.3},
     )

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vjp
 
+from bilevel.diagnostics import diagnostic_callbacks
 from bilevel.problem import Problem
 from bilevel.solve import StepContext
 from bilevel.tasks.base import Task, register_task
@@ -132,6 +133,7 @@ def krylov_synthetic(
     dtype: torch.dtype = torch.float64,
     device: str | torch.device = "cpu",
     reference_every: int = 0,
+    diagnostics: bool = False,
 ) -> Task:
     """LancBiO's synthetic task (the paper uses n = 10⁴; the default n = 2000 fits a CPU).
 
@@ -139,7 +141,9 @@ def krylov_synthetic(
     every ``reference_every``-th logged step of a run (0: never; each costs an exact reference,
     see :meth:`KrylovSyntheticData.reference_hypergradient`), ``grad_norm`` = ‖∇F(x̂)‖ and
     ``hypergrad_error`` = ‖hg − ∇F(x̂)‖/‖∇F(x̂)‖ at the point x̂ the estimate hg was taken at
-    (the x before that step's update). ``task.metadata["data"]`` holds the instance.
+    (the x before that step's update). ``diagnostics=True`` adds the residual ‖A v − b‖ and the
+    method's step info (:func:`bilevel.diagnostics.diagnostic_callbacks`).
+    ``task.metadata["data"]`` holds the instance.
     """
     if isinstance(reference_every, bool) or not isinstance(reference_every, int):
         raise ValueError(f"reference_every must be an integer >= 0, got {reference_every!r}")
@@ -172,7 +176,7 @@ def krylov_synthetic(
         problem=problem,
         x0={"x": x0},
         y0={"y": y0},
-        callbacks=[metrics],
+        callbacks=[metrics, *(diagnostic_callbacks(problem) if diagnostics else [])],
         metadata={
             "n": n,
             "kappa": kappa,
