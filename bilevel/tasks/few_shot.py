@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
+from bilevel import distributed
 from bilevel import tree as tr
 from bilevel.data.episodes import Episode, EpisodeSampler, split_classes
 from bilevel.data.glyphs import glyph_dataset
@@ -214,10 +215,12 @@ class FewShotSetup:
         }
 
     def init_lower(self, x: Tree) -> Tree:
-        """Zero heads (feature form) or per-task copies of x (MAML), for one meta-batch."""
+        """Zero heads (feature form) or per-task copies of x (MAML), for the tasks of one
+        meta-batch this process holds (all of them, or its share under torch.distributed)."""
+        tasks = self.meta_batch // distributed.world_size()
         if self.form == "feature":
-            return self.zero_heads(x, self.meta_batch)
-        return _stack(x, self.meta_batch)
+            return self.zero_heads(x, tasks)
+        return _stack(x, tasks)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
