@@ -129,7 +129,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _launch(args, out)
     distributed.init()
     history = run(config, out, resume=args.resume, progress=not args.quiet)
-    if not distributed.is_main():
+    main = distributed.is_main()
+    distributed.close()
+    if not main:
         return 0
     if not args.quiet:
         last = history[-1] if history else {}

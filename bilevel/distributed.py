@@ -64,6 +64,14 @@ def init(backend: str | None = None) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def close() -> None:
+    """Leave the process group cleanly: wait for every rank, then tear it down (a rank that
+    exits while another still talks to it can abort the other)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def shard(n: int) -> range:
     """This rank's contiguous share of ``range(n)``; shares differ in size by at most one."""
     base, extra = divmod(n, world_size())
@@ -177,6 +185,12 @@ def shard_tasks(problem: Problem, upper: str = "mean", lower: str = "sum") -> Pr
             problem.lower = _scaled(problem.lower, 1.0 / world_size())
         problem.sharding = "tasks"
     return problem
+
+
+def combine_task_shards(problem: Problem, t: Tree) -> Tree:
+    """The full meta-batch's value (hypergradient, upper loss) from this rank's share: the sum
+    over ranks when the problem's tasks are split (:func:`shard_tasks`), else ``t`` itself."""
+    return all_reduce_sum(t) if problem.sharding == "tasks" else t
 
 
 def _scaled(loss, factor: float):

@@ -87,9 +87,7 @@ def hypergrad(
         problem.next_task()
         hg, state = method.step(problem, x, state)
         problem.raise_if_nonfinite(step)
-    if problem.sharding == "tasks":
-        hg = distributed.all_reduce_sum(hg)
-    return tr.detach(hg)
+    return tr.detach(distributed.combine_task_shards(problem, hg))
 
 
 def make_outer_optimizer(
@@ -177,8 +175,7 @@ def solve(
         tick = time.perf_counter()
         problem.next_task()
         hg, state = method.step(problem, params, state)
-        if problem.sharding == "tasks":
-            hg = distributed.all_reduce_sum(hg)
+        hg = distributed.combine_task_shards(problem, hg)
         problem.raise_if_nonfinite(step)
         for k, p in params.items():
             p.grad = hg[k].to(p.dtype)
@@ -193,8 +190,7 @@ def solve(
         if logged:
             with problem.uncounted():
                 upper = problem.upper_value(params, state.y, _eval_batch(problem, fixed_batch))
-            if problem.sharding == "tasks":
-                upper = distributed.all_reduce_sum({"upper": upper.detach()})["upper"]
+            upper = distributed.combine_task_shards(problem, {"upper": upper.detach()})["upper"]
             row: dict[str, Any] = {
                 "step": done,
                 "seconds": elapsed,
