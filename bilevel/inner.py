@@ -105,14 +105,22 @@ def make_inner_optimizer(spec: str | InnerOptimizer, lr: float) -> InnerOptimize
     return spec
 
 
-def run_inner(problem: Problem, x: Tree, y: Tree, steps: int, optimizer: InnerOptimizer) -> Tree:
+def run_inner(
+    problem: Problem,
+    x: Tree,
+    y: Tree,
+    steps: int,
+    optimizer: InnerOptimizer,
+    create_graph: bool = False,
+) -> Tree:
     """``steps`` optimizer steps on g(x, ·) from y, one fresh lower batch per step.
 
-    Pure: differentiable w.r.t. x and y when called under autograd or torch.func.
+    Pure: differentiable w.r.t. x and y under torch.func transforms, or, with
+    ``create_graph``, under torch.autograd (the inner gradients keep their graph).
     """
     state = optimizer.init(y)
     for _ in range(steps):
-        g = problem.grad_lower_y(x, y, problem.lower_batch())
+        g = problem.grad_lower_y(x, y, problem.lower_batch(), create_graph=create_graph)
         y, state = optimizer.update(y, g, state)
     return y
 

@@ -21,6 +21,7 @@ from torch.func import grad, jvp, vjp
 
 from bilevel import distributed
 from bilevel import tree as tr
+from bilevel.linearization import LowerLinearization
 from bilevel.tree import Tree
 
 Loss = Callable[[Tree, Tree, Any], Tensor]
@@ -28,6 +29,7 @@ Loss = Callable[[Tree, Tree, Any], Tensor]
 ORACLES = (
     "lower_grad",  # ∇_y g
     "upper_grad",  # ∇_x f and ∇_y f together (one reverse pass)
+    "linearize",  # ∇_y g with its graph kept, for the products below (LowerLinearization)
     "hvp",  # ∇²_yy g · v
     "mixed",  # ∇²_xy g · v  (result shaped like x)
     "jvp",  # forward-mode derivative of ∇_y g along (dx, dy)
@@ -207,12 +209,38 @@ class Problem:
         self._count("upper_eval")
         return self._across_ranks(_scalar(self.upper(x, y, batch), "upper"))
 
-    def grad_lower_y(self, x: Tree, y: Tree, batch: Any = None) -> Tree:
-        """∇_y g(x, y). Differentiable w.r.t. x and y (usable inside an unrolled graph)."""
+    def grad_lower_y(
+        self, x: Tree, y: Tree, batch: Any = None, create_graph: bool = False
+    ) -> Tree:
+        """∇_y g(x, y), differentiable w.r.t. x and y under ``torch.func`` transforms.
+
+        ``create_graph=True`` differentiates with ``torch.autograd`` instead and keeps the
+        graph, so a regular ``backward`` through an unrolled loop reaches x (and y's start, if it
+        requires grad): ITD's path, faster than nesting ``torch.func.grad`` (see ITD).
+        """
         self._count("lower_grad")
-        out = self._across_ranks(self._grad_lower_y(x, y, batch))
+        if create_graph:
+            out = self._autograd_lower_y(x, y, batch)
+        else:
+            out = self._grad_lower_y(x, y, batch)
+        out = self._across_ranks(out)
         self.watch("lower_grad", out)
         return out
+
+    def linearize_lower(self, x: Tree, y: Tree, batch: Any = None) -> LowerLinearization:
+        """∇_y g linearised at (x, y, batch): ``.hvp(v)`` and ``.mixed(v)`` are then one pullback
+        each through one graph of ∇_y g, instead of rebuilding ∇_y g per product.
+
+        Counted: one ``linearize`` (a forward and a backward pass of g, like ``lower_grad``),
+        then one ``hvp`` or ``mixed`` per product (a pullback, the cost of an HVP beyond its
+        gradient). Not for use under ``torch.func`` transforms (use :meth:`hvp_lower_yy`).
+        """
+        self._count("linearize")
+        lin = LowerLinearization(
+            lambda x_, y_: self._lower_loss(x_, y_, batch), x, y, self._across_ranks, self._record
+        )
+        self.watch("linearize", lin.grad)
+        return lin
 
     def grad_lower_x(self, x: Tree, y: Tree, batch: Any = None) -> Tree:
         """∇_x g(x, y)."""
@@ -233,22 +261,46 @@ class Problem:
     def hvp_lower_yy(self, x: Tree, y: Tree, v: Tree, batch: Any = None) -> Tree:
         """∇²_yy g(x, y) · v by reverse-over-reverse differentiation (the Hessian is symmetric).
 
-        Measured 1.7–3× faster than forward-over-reverse on the hyper-cleaning and Krylov tasks
-        with torch 2.13 on CPU.
+        Rebuilds ∇_y g for this one product, so it counts one ``linearize`` and one ``hvp``;
+        several products at one point should share :meth:`linearize_lower`. Safe under
+        ``torch.func`` transforms. Reverse-over-reverse measured 1.7–3× faster than
+        forward-over-reverse on the hyper-cleaning and Krylov tasks (torch 2.13, CPU).
         """
-        self._count("hvp")
-        _, pullback = vjp(lambda y_: self._grad_lower_y(x, y_, batch), y)
-        out = self._across_ranks(pullback(v)[0])
-        self.watch("hvp", out)
-        return out
+        return self.lower_grad_products(x, y, v, batch)[1]
 
     def mixed_lower_xy(self, x: Tree, y: Tree, v: Tree, batch: Any = None) -> Tree:
-        """∇²_xy g(x, y) · v = ∇_x ⟨∇_y g(x, y), v⟩, a tree shaped like x."""
-        self._count("mixed")
+        """∇²_xy g(x, y) · v = ∇_x ⟨∇_y g(x, y), v⟩, a tree shaped like x. Counts one
+        ``linearize`` and one ``mixed`` (see :meth:`hvp_lower_yy`)."""
+        self._count("linearize")
         _, pullback = vjp(lambda x_: self._grad_lower_y(x_, y, batch), x)
         out = self._across_ranks(pullback(v)[0])
-        self.watch("mixed", out)
+        self._record("mixed", out)
         return out
+
+    def lower_grad_products(
+        self, x: Tree, y: Tree, v: Tree, batch: Any = None, mixed: bool = False
+    ) -> tuple[Tree, Tree, Tree | None]:
+        """(∇_y g, ∇²_yy g · v, ∇²_xy g · v or None) from one linearisation of ∇_y g, by
+        ``torch.func.vjp`` (safe under vmap and grad, unlike :meth:`linearize_lower`).
+
+        Counts one ``linearize`` (which yields ∇_y g), one ``hvp`` and, with ``mixed``, one
+        ``mixed``: the pullback then runs towards x and y together.
+        """
+        self._count("linearize")
+        if mixed:
+            grad_y, pullback = vjp(lambda x_, y_: self._grad_lower_y(x_, y_, batch), x, y)
+            mixed_out, hvp_out = pullback(v)
+        else:
+            grad_y, pullback = vjp(lambda y_: self._grad_lower_y(x, y_, batch), y)
+            (hvp_out,), mixed_out = pullback(v), None
+        grad_y = self._across_ranks(grad_y)
+        self.watch("linearize", grad_y)
+        hvp_out = self._across_ranks(hvp_out)
+        self._record("hvp", hvp_out)
+        if mixed_out is not None:
+            mixed_out = self._across_ranks(mixed_out)
+            self._record("mixed", mixed_out)
+        return grad_y, hvp_out, mixed_out
 
     def jvp_lower_grad(
         self, x: Tree, y: Tree, dx: Tree, dy: Tree, batch: Any = None
@@ -259,6 +311,10 @@ class Problem:
         out = self._across_ranks(out[0]), self._across_ranks(out[1])
         self.watch("jvp", out[1])
         return out
+
+    def _record(self, oracle: str, out: Tree) -> None:
+        self._count(oracle)
+        self.watch(oracle, out)
 
     def _across_ranks(self, out: Any) -> Any:
         """Mean over ranks of an oracle's output when each rank holds a slice of every batch
@@ -272,6 +328,18 @@ class Problem:
     def _grad_lower_y(self, x: Tree, y: Tree, batch: Any) -> Tree:
         """∇_y g, uncounted: the building block of the counted oracles."""
         return grad(lambda y_: self._lower_loss(x, y_, batch))(y)
+
+    def _autograd_lower_y(self, x: Tree, y: Tree, batch: Any) -> Tree:
+        """∇_y g by torch.autograd with the graph kept (y's tensors must require grad or carry a
+        graph); components g does not depend on are zeros."""
+        leaves = list(y.values())
+        grads = torch.autograd.grad(
+            self._lower_loss(x, y, batch), leaves, create_graph=True, allow_unused=True
+        )
+        return {
+            k: torch.zeros_like(v) if g is None else g
+            for (k, v), g in zip(y.items(), grads, strict=True)
+        }
 
     def _lower_loss(self, x: Tree, y: Tree, batch: Any) -> Tensor:
         if self.lower_autocast is None:

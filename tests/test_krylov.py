@@ -160,6 +160,7 @@ def test_oracle_counts():
     assert counts("lancbio", steps, inner_steps=k, m=m, m_max=m) == {
         "lower_grad": k * steps,
         "upper_grad": steps,
+        "linearize": steps,
         "hvp": steps + steps // m - 1,
         "mixed": steps,
     }
@@ -167,6 +168,7 @@ def test_oracle_counts():
     assert counts("subbio", steps, inner_steps=k) == {
         "lower_grad": k * steps,
         "upper_grad": steps,
+        "linearize": steps,
         "hvp": 3 * steps,
         "mixed": steps,
     }

@@ -17,6 +17,7 @@ def test_cg_counts_first_and_warm_started_steps():
     assert _counts("cg", inner_steps=k, solver_iters=j, solver_tol=0.0) == {
         "lower_grad": k,
         "upper_grad": 1,
+        "linearize": 1,  # ∇_y g's graph at y_K, shared by the J HVPs and the mixed product
         "hvp": j,
         "mixed": 1,
     }
@@ -24,6 +25,7 @@ def test_cg_counts_first_and_warm_started_steps():
     assert _counts("cg", steps=3, inner_steps=k, solver_iters=j, solver_tol=0.0) == {
         "lower_grad": 3 * k,
         "upper_grad": 3,
+        "linearize": 3,
         "hvp": j + 2 * (j + 1),
         "mixed": 3,
     }
@@ -33,12 +35,14 @@ def test_neumann_and_fixed_point_counts():
     assert _counts("neumann", inner_steps=5, solver_iters=6) == {
         "lower_grad": 5,
         "upper_grad": 1,
+        "linearize": 1,
         "hvp": 5,
         "mixed": 1,
     }
     assert _counts("fixed_point", steps=2, inner_steps=5, solver_iters=6) == {
         "lower_grad": 10,
         "upper_grad": 2,
+        "linearize": 2,
         "hvp": 12,
         "mixed": 2,
     }
@@ -72,6 +76,7 @@ def test_solve_history_reports_cumulative_counts_of_its_own_run():
     assert result.history[-1]["oracles"] == {
         "lower_grad": 8,
         "upper_grad": 4,
+        "linearize": 4,
         "hvp": 3 + 3 * 4,
         "mixed": 4,
     }

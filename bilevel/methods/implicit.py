@@ -4,8 +4,10 @@ At an inner solution y ≈ y*(x) the implicit function theorem gives
 
     ∇F(x) = ∇_x f − ∇²_xy g · v,   with  ∇²_yy g · v = ∇_y f,
 
-so a method runs K warm-started inner steps, solves the linear system for v with a solver from
-:mod:`bilevel.linalg` (warm-started v where the solver allows) and applies one mixed product.
+so a method runs K warm-started inner steps, linearises ∇_y g once at (x, y_K), solves the
+linear system for v with a solver from :mod:`bilevel.linalg` (warm-started v where the solver
+allows), every HVP a pullback through that linearisation, and applies one mixed product
+through the same linearisation.
 Pedregosa, "Hyperparameter optimization with approximate gradient", ICML 2016 (CG);
 Lorraine, Vicol, Duvenaud, "Optimizing Millions of Hyperparameters by Implicit
 Differentiation", AISTATS 2020 (Neumann); Grazzi, Franceschi, Pontil, Salzo, "On the Iteration
@@ -20,6 +22,7 @@ from bilevel import tree as tr
 from bilevel.checks import check_int, check_positive
 from bilevel.inner import run_inner
 from bilevel.linalg import SolveInfo, conjugate_gradient, fixed_point, neumann
+from bilevel.linearization import LowerLinearization
 from bilevel.methods.base import Method, MethodState, register
 from bilevel.problem import Problem
 from bilevel.tree import Tree
@@ -47,8 +50,9 @@ class Implicit(Method):
         return ImplicitState(y=base.y, y0=base.y0)
 
     def solve(
-        self, problem: Problem, x: Tree, y: Tree, b: Tree, v0: Tree | None, batch
+        self, problem: Problem, x: Tree, y: Tree, b: Tree, v0: Tree | None, lin: LowerLinearization
     ) -> tuple[Tree, SolveInfo]:
+        """v ≈ (∇²_yy g)⁻¹ b; ``lin`` is ∇_y g linearised at this step's lower batch."""
         raise NotImplementedError
 
     def step(self, problem: Problem, x: Tree, state: ImplicitState) -> tuple[Tree, ImplicitState]:
@@ -57,10 +61,11 @@ class Implicit(Method):
             problem, x, self.inner_start(problem, x, state), self.inner_steps, self.optimizer
         )
         gx, gy = problem.grad_upper(x, y, problem.upper_batch())
-        batch = problem.lower_batch()
+        # one linearisation of ∇_y g serves every HVP of the solve and the mixed product
+        lin = problem.linearize_lower(x, y, problem.lower_batch())
         v0 = state.v if self.warm_start else None
-        v, info = self.solve(problem, x, y, gy, v0, batch)
-        hg = tr.sub(gx, problem.mixed_lower_xy(x, y, v, batch))
+        v, info = self.solve(problem, x, y, gy, v0, lin)
+        hg = tr.sub(gx, lin.mixed(v))
         state.y, state.v = y, v
         state.info = {"solver_iterations": info.iterations}
         if info.residual is not None:
@@ -74,19 +79,14 @@ class ConjugateGradient(Implicit):
     """AID with conjugate gradients on ∇²_yy g · v = ∇_y f (warm-started v).
 
     Stops at ``solver_iters`` iterations or relative residual ``solver_tol`` (0: no test, no
-    host sync). Oracles: K inner gradients, J HVPs (+1 for the warm start), 1 mixed product.
+    host sync). Oracles: K inner gradients, 1 linearisation, J HVPs (+1 for the warm start),
+    1 mixed product.
     """
 
     solver_tol: float = 1e-10
 
-    def solve(self, problem, x, y, b, v0, batch):
-        return conjugate_gradient(
-            lambda v: problem.hvp_lower_yy(x, y, v, batch),
-            b,
-            v0,
-            self.solver_iters,
-            self.solver_tol,
-        )
+    def solve(self, problem, x, y, b, v0, lin):
+        return conjugate_gradient(lin.hvp, b, v0, self.solver_iters, self.solver_tol)
 
 
 @register("neumann")
@@ -94,8 +94,8 @@ class ConjugateGradient(Implicit):
 class NeumannSeries(Implicit):
     """AID with a truncated Neumann series v = η Σ_{j<J} (I − ηA)^j ∇_y f (needs η < 2/L).
 
-    No warm start (the series restarts from ∇_y f). Oracles: K inner gradients, J − 1 HVPs,
-    1 mixed product.
+    No warm start (the series restarts from ∇_y f). Oracles: K inner gradients, 1
+    linearisation, J − 1 HVPs, 1 mixed product.
     """
 
     solver_lr: float = 0.1
@@ -105,17 +105,15 @@ class NeumannSeries(Implicit):
         check_positive("solver_lr", self.solver_lr)
         check_int("solver_iters", self.solver_iters, 1)
 
-    def solve(self, problem, x, y, b, v0, batch):
-        return neumann(
-            lambda v: problem.hvp_lower_yy(x, y, v, batch), b, self.solver_lr, self.solver_iters
-        )
+    def solve(self, problem, x, y, b, v0, lin):
+        return neumann(lin.hvp, b, self.solver_lr, self.solver_iters)
 
 
 @register("fixed_point")
 @dataclass(kw_only=True)
 class FixedPoint(Implicit):
     """AID by fixed-point iteration v ← v − η(A v − ∇_y f), warm-started (hypertorch's
-    ``fixed_point``). Oracles: K inner gradients, J HVPs, 1 mixed product."""
+    ``fixed_point``). Oracles: K inner gradients, 1 linearisation, J HVPs, 1 mixed product."""
 
     solver_lr: float = 0.1
 
@@ -123,11 +121,5 @@ class FixedPoint(Implicit):
         super().__post_init__()
         check_positive("solver_lr", self.solver_lr)
 
-    def solve(self, problem, x, y, b, v0, batch):
-        return fixed_point(
-            lambda v: problem.hvp_lower_yy(x, y, v, batch),
-            b,
-            v0,
-            self.solver_lr,
-            self.solver_iters,
-        )
+    def solve(self, problem, x, y, b, v0, lin):
+        return fixed_point(lin.hvp, b, v0, self.solver_lr, self.solver_iters)

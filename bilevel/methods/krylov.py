@@ -29,6 +29,7 @@ from bilevel import tree as tr
 from bilevel.checks import check_int, check_positive
 from bilevel.inner import run_inner
 from bilevel.linalg import projected_solve
+from bilevel.linearization import LowerLinearization
 from bilevel.methods.base import Method, register
 from bilevel.methods.implicit import ImplicitState
 from bilevel.problem import Problem
@@ -50,18 +51,19 @@ class _Krylov(Method):
 
     def _inner_and_upper(
         self, problem: Problem, x: Tree, state: ImplicitState
-    ) -> tuple[Tree, Tree, Tree, object]:
-        """(y after the inner steps, ∇_x f, ∇_y f, the lower batch of this step's products)."""
+    ) -> tuple[Tree, Tree, Tree, LowerLinearization]:
+        """(y after the inner steps, ∇_x f, ∇_y f, ∇_y g linearised at this step's lower batch:
+        every product of the step is a pullback through it)."""
         y = run_inner(
             problem, x, self.inner_start(problem, x, state), self.inner_steps, self.optimizer
         )
         gx, gy = problem.grad_upper(x, y, problem.upper_batch())
-        return y, gx, gy, problem.lower_batch()
+        return y, gx, gy, problem.linearize_lower(x, y, problem.lower_batch())
 
 
-def _flat_hvp(problem: Problem, x: Tree, y: Tree, batch: object):
-    """Flat v ↦ flat ∇²_yy g(x, y) · v (one counted HVP per call)."""
-    return lambda v: tr.flatten(problem.hvp_lower_yy(x, y, tr.unflatten(v, y), batch))
+def _flat_hvp(lin: LowerLinearization, like: Tree):
+    """Flat v ↦ flat ∇²_yy g · v (one counted HVP per call)."""
+    return lambda v: tr.flatten(lin.hvp(tr.unflatten(v, like)))
 
 
 @register("subbio")
@@ -74,7 +76,8 @@ class SubBiO(_Krylov):
     it. SOBA's step v − η(Av − b) lies in that span, so SubBiO's v is never worse than SOBA's on
     the step's quadratic. If the projected matrix is not positive definite (nonconvex lower
     level, b = 0) the step is SOBA's instead, counted in ``info["fallbacks"]``.
-    Oracles per step: K inner gradients, 1 upper gradient, 3 HVPs, 1 mixed product.
+    Oracles per step: K inner gradients, 1 upper gradient, 1 linearisation, 3 HVPs, 1 mixed
+    product.
     """
 
     solver_lr: float = 0.1
@@ -91,8 +94,8 @@ class SubBiO(_Krylov):
 
     def step(self, problem: Problem, x: Tree, state: ImplicitState) -> tuple[Tree, ImplicitState]:
         x = tr.detach(x)
-        y, gx, gy, batch = self._inner_and_upper(problem, x, state)
-        matvec = _flat_hvp(problem, x, y, batch)
+        y, gx, gy, lin = self._inner_and_upper(problem, x, state)
+        matvec = _flat_hvp(lin, y)
         b, v = tr.flatten(gy), tr.flatten(state.v)
         av = matvec(v)
         u = v - self.solver_lr * av
@@ -115,7 +118,7 @@ class SubBiO(_Krylov):
         v = torch.where(ok, candidate, soba)
         state.y, state.v = y, tr.unflatten(v, y)
         state.info = {"fallbacks": state.info["fallbacks"] + (~ok).to(torch.int64)}
-        return tr.sub(gx, problem.mixed_lower_xy(x, y, state.v, batch)), state
+        return tr.sub(gx, lin.mixed(state.v)), state
 
 
 @dataclass
@@ -170,8 +173,9 @@ class LancBiO(_Krylov):
     restarts at the next step. The restart decision reads last step's flags on the host: it
     decides whether an HVP is spent, so it must be known there; ``solve`` synchronises the
     device after every step anyway, so the read waits on nothing.
-    Oracles: K inner gradients, 1 upper gradient, 1 HVP per step + 1 per restart (none for the
-    first, whose v̄ is 0, nor in window mode), 1 mixed product; memory m + 1 vectors.
+    Oracles: K inner gradients, 1 upper gradient, 1 linearisation, 1 HVP per step + 1 per
+    restart (none for the first, whose v̄ is 0, nor in window mode), 1 mixed product; memory
+    m + 1 vectors.
     """
 
     m: int = 10
@@ -204,8 +208,8 @@ class LancBiO(_Krylov):
 
     def step(self, problem: Problem, x: Tree, state: LancBiOState) -> tuple[Tree, LancBiOState]:
         x = tr.detach(x)
-        y, gx, gy, batch = self._inner_and_upper(problem, x, state)
-        matvec = _flat_hvp(problem, x, y, batch)
+        y, gx, gy, lin = self._inner_and_upper(problem, x, state)
+        matvec = _flat_hvp(lin, y)
         b, v_prev = tr.flatten(gy), tr.flatten(state.v)
         if self._restart_due(state):
             self._restart(state, matvec, b, v_prev)
@@ -250,7 +254,7 @@ class LancBiO(_Krylov):
             "breakdowns": state.breakdowns,
             "indefinite": state.indefinite,
         }
-        return tr.sub(gx, problem.mixed_lower_xy(x, y, state.v, batch)), state
+        return tr.sub(gx, lin.mixed(state.v)), state
 
     def _restart_due(self, state: LancBiOState) -> bool:
         if state.frozen is None:  # first step

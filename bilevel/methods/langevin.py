@@ -75,8 +75,11 @@ class SGLD(Method):
     ``seed``: the noise seed; ``None`` draws it from torch's global RNG at ``init`` (so
     ``bl.solve(seed=...)`` varies it).
     Oracles per chain step and chain: 1 inner gradient (``diagonal``: 1 JVP instead), and per
-    used step: ``forward`` 1 upper gradient + 1 mixed (+1 HVP); ``diagonal`` 1 upper gradient +
-    1 HVP; ``covariance`` 1 upper gradient + 1 upper evaluation + 1 ∇_x g.
+    used step: ``forward`` 1 upper gradient, and the inner gradient replaced by one
+    linearisation whose pullbacks give 1 HVP and 1 mixed product together (``hessian=False``:
+    the inner gradient + 1 linearisation for the mixed product); ``diagonal`` 1 upper gradient
+    + 1 linearisation and 1 HVP for the probe; ``covariance`` 1 upper gradient + 1 upper
+    evaluation + 1 ∇_x g.
     """
 
     inner_optimizer: str | InnerOptimizer = field(default="gd", init=False)
@@ -204,16 +207,27 @@ class SGLD(Method):
 
         def one(y: Tree, q_: Tree) -> dict[str, Any]:
             fx, fy = problem.grad_upper(x, y, upper)
-            curv = problem.hvp_lower_yy(x, y, q_, batch) if hessian else tr.zeros_like(q_)
+            if hessian:  # the drift, A q and the mixed product from one linearisation
+                grad_y, curv, mixed = problem.lower_grad_products(x, y, q_, batch, mixed=record)
+            else:
+                grad_y, curv = problem.grad_lower_y(x, y, batch), tr.zeros_like(q_)
+                mixed = problem.mixed_lower_xy(x, y, q_, batch) if record else None
             # q ← ρ q − η (A q − ∇_y f): a damped fixed-point step towards A⁻¹ ∇_y f
             carry = {k: rho * q_[k] - eta * (curv[k] - fy[k]) for k in q_}
-            out = {"grad_y": problem.grad_lower_y(x, y, batch), "carry": carry}
+            out = {"grad_y": grad_y, "carry": carry}
             if record:
-                out["sample"] = tr.sub(fx, problem.mixed_lower_xy(x, y, q_, batch))
+                out["sample"] = tr.sub(fx, mixed)
             return out
 
         out = self._map(problem, one, chains, q)
-        self._count(problem, lower_grad=1, upper_grad=1, hvp=int(hessian), mixed=int(record))
+        self._count(
+            problem,
+            upper_grad=1,
+            lower_grad=int(not hessian),
+            linearize=int(hessian or record),
+            hvp=int(hessian),
+            mixed=int(record),
+        )
         return out
 
     def _diagonal(self, problem, x, chains, d, h, batch, used, record, gen) -> dict[str, Any]:
@@ -247,7 +261,8 @@ class SGLD(Method):
             return out
 
         out = self._map(problem, one, chains, d, h, probe)
-        self._count(problem, jvp=1, hvp=int(probe is not None), upper_grad=int(record))
+        probed = int(probe is not None)
+        self._count(problem, jvp=1, linearize=probed, hvp=probed, upper_grad=int(record))
         return out
 
     def _covariance(self, problem, x, chains, batch, record) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from bilevel import tree as tr
 from bilevel.checks import check_int, check_positive
 from bilevel.inner import run_inner
 from bilevel.linalg import MatVec, conjugate_gradient, fixed_point, neumann
+from bilevel.linearization import LowerLinearization
 from bilevel.methods.base import Method, register
 from bilevel.methods.implicit import Implicit, ImplicitState, NeumannSeries
 from bilevel.problem import Problem
@@ -31,8 +32,13 @@ from bilevel.tree import Tree
 SOLVERS = ("cg", "gd")
 
 
-def fresh_batch_hvp(problem: Problem, x: Tree, y: Tree) -> MatVec:
-    """v ↦ ∇²_yy g(x, y; batch) · v on the next lower batch at every call (stochastic solvers)."""
+def fresh_batch_hvp(problem: Problem, x: Tree, y: Tree, lin: LowerLinearization) -> MatVec:
+    """v ↦ ∇²_yy g(x, y; batch) · v on the next lower batch at every call (stochastic solvers).
+
+    Without lower_data every call would see the same batch, so ``lin`` (the step's
+    linearisation) answers them all."""
+    if problem.lower_data is None:
+        return lin.hvp
     return lambda v: problem.hvp_lower_yy(x, y, v, problem.lower_batch())
 
 
@@ -77,9 +83,14 @@ class SOBA(Method):
         x = tr.detach(x)
         y, v = state.y, state.v
         gx, gy = problem.grad_upper(x, y, problem.upper_batch())
-        # A v − b is both the v-direction and a free residual estimate
-        residual = tr.sub(problem.hvp_lower_yy(x, y, v, problem.lower_batch()), gy)
-        hg = tr.sub(gx, problem.mixed_lower_xy(x, y, v, problem.lower_batch()))
+        if problem.lower_data is None:  # one batch for both products: one linearisation
+            lin = problem.linearize_lower(x, y, problem.lower_batch())
+            hvp, mixed = lin.hvp(v), lin.mixed(v)
+        else:
+            hvp = problem.hvp_lower_yy(x, y, v, problem.lower_batch())
+            mixed = problem.mixed_lower_xy(x, y, v, problem.lower_batch())
+        residual = tr.sub(hvp, gy)  # A v − b: the v-direction and a free residual estimate
+        hg = tr.sub(gx, mixed)
         state.v = tr.axpy(-self.solver_lr, residual, v)
         state.y = run_inner(problem, x, y, self.inner_steps, self.optimizer)
         state.info = {"residual": tr.norm(residual)}
@@ -102,8 +113,8 @@ class StocBiO(NeumannSeries):
 
     solver_iters: int = 10
 
-    def solve(self, problem, x, y, b, v0, batch):
-        return neumann(fresh_batch_hvp(problem, x, y), b, self.solver_lr, self.solver_iters)
+    def solve(self, problem, x, y, b, v0, lin):
+        return neumann(fresh_batch_hvp(problem, x, y, lin), b, self.solver_lr, self.solver_iters)
 
 
 @register("amigo")
@@ -137,15 +148,11 @@ class AmIGO(Implicit):
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
             raise ValueError(f"solver_tol must be a number >= 0, got {tol!r}")
 
-    def solve(self, problem, x, y, b, v0, batch):
+    def solve(self, problem, x, y, b, v0, lin):
         if self.solver == "gd":
-            hvp = fresh_batch_hvp(problem, x, y)
+            hvp = fresh_batch_hvp(problem, x, y, lin)
             return fixed_point(hvp, b, v0, self.solver_lr, self.solver_iters)
+        # CG needs one operator: its own batch, linearised once (the step's, without lower_data)
         cg_batch = problem.lower_batch()
-        return conjugate_gradient(
-            lambda v: problem.hvp_lower_yy(x, y, v, cg_batch),
-            b,
-            v0,
-            self.solver_iters,
-            self.solver_tol,
-        )
+        cg_lin = lin if problem.lower_data is None else problem.linearize_lower(x, y, cg_batch)
+        return conjugate_gradient(cg_lin.hvp, b, v0, self.solver_iters, self.solver_tol)

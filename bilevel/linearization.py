@@ -1,0 +1,88 @@
+"""The lower gradient linearised at one point: every HVP and mixed product there is one pullback.
+
+At a fixed (x, y, batch) an implicit or Krylov step takes many products with the same
+Jacobian of (x, y) ↦ ∇_y g(x, y): J HVPs ∇²_yy g·v in its linear solve and one mixed product
+∇²_xy g·v at the end. Rebuilding ∇_y g for each product repeats a forward and a backward pass
+of the lower loss every time. :class:`LowerLinearization` builds the graph of ∇_y g once (one
+forward, one backward with ``create_graph``) and answers every product by a pullback through
+that graph, restricted to the inputs asked for: an HVP never differentiates towards x, a
+mixed product never towards y.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from bilevel.tree import Tree
+
+
+class LowerLinearization:
+    """(x, y) ↦ ∇_y g(x, y) linearised at one point, through torch.autograd.
+
+    Args:
+        loss: ``loss(x, y) -> scalar`` with the batch already bound.
+        x, y: the point (detached here: the linearisation is a constant of the outer graph).
+        reduce: applied to every product (the cross-rank mean under data sharding).
+        record: ``record(oracle, out)`` counts and watches each product ("hvp", "mixed").
+
+    ``grad`` is ∇_y g at the point, a by-product of building the graph. Not usable under
+    ``torch.func`` transforms (vmap, grad): those use the oracles' transform-safe products.
+    """
+
+    def __init__(
+        self,
+        loss: Callable[[Tree, Tree], Tensor],
+        x: Tree,
+        y: Tree,
+        reduce: Callable[[Tree], Tree],
+        record: Callable[[str, Tree], None],
+    ) -> None:
+        self._reduce, self._record = reduce, record
+        with torch.enable_grad():
+            self._x = {k: v.detach().requires_grad_(True) for k, v in x.items()}
+            self._y = {k: v.detach().requires_grad_(True) for k, v in y.items()}
+            value = loss(self._x, self._y)
+            grads = torch.autograd.grad(
+                value, list(self._y.values()), create_graph=True, allow_unused=True
+            )
+        self.grad: Tree = {
+            k: (torch.zeros_like(v) if g is None else g.detach()).to(v.dtype)
+            for (k, v), g in zip(y.items(), grads, strict=True)
+        }
+        self.grad = reduce(self.grad)
+        # products flow only through the components of ∇_y g that depend on x or y
+        self._outputs = [(k, g) for k, g in zip(y, grads, strict=True) if _traced(g)]
+
+    def hvp(self, v: Tree) -> Tree:
+        """∇²_yy g · v (a tree like y)."""
+        return self._pullback("hvp", v, self._y)
+
+    def mixed(self, v: Tree) -> Tree:
+        """∇²_xy g · v = ∇_x ⟨∇_y g, v⟩ (a tree like x)."""
+        return self._pullback("mixed", v, self._x)
+
+    def _pullback(self, oracle: str, v: Tree, inputs: dict[str, Tensor]) -> Tree:
+        if not self._outputs:
+            out = {k: torch.zeros_like(t).detach() for k, t in inputs.items()}
+            self._record(oracle, out)
+            return out
+        outputs = [g for _, g in self._outputs]
+        cotangents = [v[k].to(g.dtype) for k, g in self._outputs]
+        grads = torch.autograd.grad(
+            outputs, list(inputs.values()), cotangents, retain_graph=True, allow_unused=True
+        )
+        out = self._reduce(
+            {
+                k: torch.zeros_like(t).detach() if g is None else g.to(t.dtype)
+                for (k, t), g in zip(inputs.items(), grads, strict=True)
+            }
+        )
+        self._record(oracle, out)
+        return out
+
+
+def _traced(t: Tensor | None) -> bool:
+    return t is not None and t.requires_grad
