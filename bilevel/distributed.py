@@ -183,14 +183,14 @@ def shard_tasks(problem: Problem, upper: str = "mean", lower: str = "sum") -> Pr
             problem.upper = _scaled(problem.upper, 1.0 / world_size())
         if lower == "mean":
             problem.lower = _scaled(problem.lower, 1.0 / world_size())
-        problem.sharding = "tasks"
+        problem.combine = all_reduce_sum
     return problem
 
 
 def combine_task_shards(problem: Problem, t: Tree) -> Tree:
     """The full meta-batch's value (hypergradient, upper loss) from this rank's share: the sum
     over ranks when the problem's tasks are split (:func:`shard_tasks`), else ``t`` itself."""
-    return all_reduce_sum(t) if problem.sharding == "tasks" else t
+    return t if problem.combine is None else problem.combine(t)
 
 
 def _scaled(loss, factor: float):
@@ -213,5 +213,5 @@ def shard_data(problem: Problem) -> Problem:
             data = getattr(problem, which)
             if data is not None:
                 setattr(problem, which, _Shards(data, "batch size"))
-        problem.sharding = "data"
+        problem.reduce = all_reduce_mean
     return problem

@@ -12,6 +12,7 @@ mixed product never towards y.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,9 +25,12 @@ class LowerLinearization:
 
     Args:
         loss: ``loss(x, y) -> scalar`` with the batch already bound.
-        x, y: the point (detached here: the linearisation is a constant of the outer graph).
+        x, y: the point (detached here: the linearisation is a constant of the outer graph);
+            x may be a tree or a tensor (a representation z of the outer variable).
         reduce: applied to every product (the cross-rank mean under data sharding).
         record: ``record(oracle, out)`` counts and watches each product ("hvp", "mixed").
+        pull: maps a derivative w.r.t. ``x`` on to the outer variable (a representation's
+            pullback); ``None`` when ``x`` is the outer variable itself.
 
     ``grad`` is ∇_y g at the point, a by-product of building the graph. Not usable under
     ``torch.func`` transforms (vmap, grad): those use the oracles' transform-safe products.
@@ -39,12 +43,14 @@ class LowerLinearization:
         y: Tree,
         reduce: Callable[[Tree], Tree],
         record: Callable[[str, Tree], None],
+        pull: Callable[[Any], Tree] | None = None,
     ) -> None:
-        self._reduce, self._record = reduce, record
+        self._reduce, self._record, self._pull = reduce, record, pull
+        self._tensor_x = isinstance(x, Tensor)
         with torch.enable_grad():
-            self._x = {k: v.detach().requires_grad_(True) for k, v in x.items()}
+            self._x = {k: v.detach().requires_grad_(True) for k, v in _as_tree(x).items()}
             self._y = {k: v.detach().requires_grad_(True) for k, v in y.items()}
-            value = loss(self._x, self._y)
+            value = loss(self._x["z"] if self._tensor_x else self._x, self._y)
             grads = torch.autograd.grad(
                 value, list(self._y.values()), create_graph=True, allow_unused=True
             )
@@ -61,27 +67,32 @@ class LowerLinearization:
         return self._pullback("hvp", v, self._y)
 
     def mixed(self, v: Tree) -> Tree:
-        """∇²_xy g · v = ∇_x ⟨∇_y g, v⟩ (a tree like x)."""
+        """∇²_xy g · v = ∇_x ⟨∇_y g, v⟩ (a tree like the outer variable)."""
         return self._pullback("mixed", v, self._x)
 
     def _pullback(self, oracle: str, v: Tree, inputs: dict[str, Tensor]) -> Tree:
-        if not self._outputs:
-            out = {k: torch.zeros_like(t).detach() for k, t in inputs.items()}
-            self._record(oracle, out)
-            return out
-        outputs = [g for _, g in self._outputs]
-        cotangents = [v[k].to(g.dtype) for k, g in self._outputs]
-        grads = torch.autograd.grad(
-            outputs, list(inputs.values()), cotangents, retain_graph=True, allow_unused=True
-        )
-        out = self._reduce(
-            {
-                k: torch.zeros_like(t).detach() if g is None else g.to(t.dtype)
-                for (k, t), g in zip(inputs.items(), grads, strict=True)
-            }
-        )
+        if self._outputs:
+            outputs = [g for _, g in self._outputs]
+            cotangents = [v[k].to(g.dtype) for k, g in self._outputs]
+            grads = torch.autograd.grad(
+                outputs, list(inputs.values()), cotangents, retain_graph=True, allow_unused=True
+            )
+        else:
+            grads = [None] * len(inputs)
+        out = {
+            k: torch.zeros_like(t).detach() if g is None else g.to(t.dtype)
+            for (k, t), g in zip(inputs.items(), grads, strict=True)
+        }
+        if inputs is self._x:  # towards the outer variable: through the representation
+            out = out["z"] if self._tensor_x else out
+            out = out if self._pull is None else self._pull(out)
+        out = self._reduce(out)
         self._record(oracle, out)
         return out
+
+
+def _as_tree(x: Tree | Tensor) -> Tree:
+    return {"z": x} if isinstance(x, Tensor) else x
 
 
 def _traced(t: Tensor | None) -> bool:

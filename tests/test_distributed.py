@@ -196,7 +196,7 @@ def test_slice_batch_cuts_every_tensor_of_a_dataclass():
 
 def test_single_process_is_untouched():
     problem = meta_problem()
-    assert distributed.shard_tasks(problem).sharding is None
+    assert distributed.shard_tasks(problem).combine is None
     assert distributed.world_size() == 1 and distributed.is_main()
 
 

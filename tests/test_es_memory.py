@@ -4,8 +4,8 @@ Torch's CPU tensors are invisible to tracemalloc, so the test reads the peak res
 (``VmHWM`` in /proc/self/status, reset before each run through /proc/self/clear_refs) in a
 fresh subprocess; ``ru_maxrss`` would not do, a child inherits its parent's peak. Large
 allocations are forced onto mmap (``MALLOC_MMAP_THRESHOLD_``) so freed memory leaves the
-resident set at once. ESJ's extra peak at N = 200 must be within 10% of N = 10; itd at N = 200
-must dwarf it.
+resident set at once. ESJ's extra peak at N = 200 must be within 10% of N = 10; itd's must grow
+with N (its graph holds every step).
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ run("itd", 1)
 out = {name: run(*args, **kw) for name, args, kw in [
     ("esj10", ("esj", 10), {"directions": 64}),
     ("esj200", ("esj", 200), {"directions": 64}),
+    ("itd10", ("itd", 10), {}),
     ("itd200", ("itd", 200), {}),
 ]}
 print(json.dumps(out))
@@ -77,4 +78,4 @@ def test_esj_memory_flat_in_inner_steps_while_itd_grows():
     mb = json.loads(done.stdout.strip().splitlines()[-1])
     assert mb["esj10"] > 5, f"ESJ's footprint is too small to measure: {mb}"
     assert mb["esj200"] <= 1.1 * mb["esj10"], f"ESJ memory grew with N: {mb}"
-    assert mb["itd200"] > 2 * mb["esj200"], f"itd's memory should grow with N: {mb}"
+    assert mb["itd200"] > 5 + 5 * max(mb["itd10"], 0.0), f"itd's memory should grow with N: {mb}"

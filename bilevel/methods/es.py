@@ -143,7 +143,7 @@ class Perturbed(Method):
         batched = None if self.batched == "auto" else bool(self.batched)
         if batched is None and not isinstance(self.optimizer, _ELEMENTWISE):
             batched = False
-        if batched is None and problem.sharding == "data":
+        if batched is None and problem.reduce is not None:
             batched = False  # the oracles' all-reduce cannot run under vmap
         if not self.shares_batches:
             batched = False
@@ -152,7 +152,7 @@ class Perturbed(Method):
     def step(self, problem: Problem, x: Tree, state: ESState) -> tuple[Tree, ESState]:
         # under torch.distributed each rank runs its share of the directions and one all-reduce
         # sums them; not when ranks split tasks or batches (they then need every direction)
-        split = problem.sharding is None
+        split = problem.reduce is None and problem.combine is None
         qs = distributed.shard(self.directions) if split else range(self.directions)
         part = self.partial_estimate(problem, x, state, qs)
         total = distributed.all_reduce_sum(part.total) if split else part.total

@@ -53,10 +53,13 @@ class ITD(Method):
         upper_batch = problem.upper_batch()
         with torch.enable_grad(), problem.unwatched():
             x_ = {name: t.requires_grad_(True) for name, t in x.items()}
-            if through_init:
-                y0 = problem.init_lower(x_)
-            else:  # a leaf, so the inner gradients can be taken with torch.autograd
-                y0 = {name: t.detach().requires_grad_(True) for name, t in y_start.items()}
+            y0 = problem.init_lower(x_) if through_init else y_start
+            # torch.autograd differentiates only towards tensors that require grad: a start
+            # that does not depend on x becomes a leaf
+            y0 = {
+                name: t if t.requires_grad else t.detach().requires_grad_(True)
+                for name, t in y0.items()
+            }
             y = run_inner(problem, x_, y0, k, self.optimizer, create_graph=True)
             with problem.uncounted():
                 f = problem.upper_value(x_, y, upper_batch)
