@@ -176,8 +176,10 @@ class Perturbed(Method):
         """The unperturbed and the perturbed trajectories for directions ``qs``.
 
         Every inner step draws one lower batch and applies it to all paths (common random
-        numbers). The unperturbed path costs N counted inner gradients, the P perturbed ones
-        P·N more (counted in bulk).
+        numbers). Each perturbed path runs all its steps in one call (one ``vmap`` over the
+        paths, or a loop), so a declared lower representation is computed once per perturbed
+        x. The unperturbed path costs N counted inner gradients, the P perturbed ones P·N more
+        (counted in bulk).
         """
         x = tr.detach(x)
         u = draw_directions(x, self.seed, state.t, qs, self.distribution)
@@ -187,26 +189,28 @@ class Perturbed(Method):
         paths = shifts[next(iter(shifts))].shape[0]
         y = self.inner_start(problem, x, state)
         ys = self._perturbed_starts(problem, xs, y, paths, state)
-        opt = self.optimizer
-        y_state, ys_state = opt.init(y), self._init_states(ys, state)
+        shared, own = [], []  # drawn in the order of the steps: the step's batch, then the paths'
         for _ in range(self.inner_steps):
-            batch = problem.lower_batch()
-            y, y_state = opt.update(y, problem.grad_lower_y(x, y, batch), y_state)
-            if paths:
-                ys, ys_state = self._advance(problem, xs, ys, ys_state, batch, state)
+            shared.append(problem.lower_batch())
+            own.append([problem.lower_batch() for _ in range(paths * (not self.shares_batches))])
+        y_state = self.optimizer.init(y)
+        for batch in shared:
+            y, y_state = self.optimizer.update(y, problem.grad_lower_y(x, y, batch), y_state)
+        if paths:
+            ys = self._perturbed_paths(problem, xs, ys, shared, own, state)
         problem.count("lower_grad", paths * self.inner_steps)
-        ys = self._stacked(ys)
+        ys = tr.detach(ys)
         problem.watch("lower_grad", ys)
         return Paths(y=tr.detach(y), xs=xs, ys=ys, u=u)
 
     def _perturbed_starts(
         self, problem: Problem, xs: Tree, y: Tree, paths: int, state: ESState
-    ) -> Tree | list[Tree]:
-        """Each path's start: ``init_lower`` at its own x (MAML-style), else the unperturbed
-        start (functional updates never write into it, so sharing it aliases nothing)."""
+    ) -> Tree:
+        """Each path's start, stacked: ``init_lower`` at its own x (MAML-style), else the
+        unperturbed start (functional updates never write into it, so sharing it aliases
+        nothing)."""
         if problem.init_lower is None or paths == 0:
-            stacked = {k: v.unsqueeze(0).expand(paths, *v.shape) for k, v in y.items()}
-            return stacked if state.batched is not False or paths == 0 else _unstack(stacked, paths)
+            return {k: v.unsqueeze(0).expand(paths, *v.shape) for k, v in y.items()}
         if state.batched is not False:
             try:
                 return tr.detach(vmap(problem.init_lower)(xs))
@@ -214,49 +218,44 @@ class Perturbed(Method):
                 if state.batched:
                     raise
                 state.batched = False
-        return [tr.detach(problem.init_lower(xq)) for xq in _unstack(xs, paths)]
+        starts = [tr.detach(problem.init_lower(xq)) for xq in _unstack(xs, paths)]
+        return {k: torch.stack([start[k] for start in starts]) for k in starts[0]}
 
-    def _init_states(self, ys: Tree | list[Tree], state: ESState) -> Any:
-        if isinstance(ys, list):
-            return [self.optimizer.init(yq) for yq in ys]
-        return self.optimizer.init(ys)
-
-    def _advance(
+    def _perturbed_paths(
         self,
         problem: Problem,
         xs: Tree,
-        ys: Tree | list[Tree],
-        ys_state: Any,
-        batch: Any,
+        ys: Tree,
+        shared: list[Any],
+        own: list[list[Any]],
         state: ESState,
-    ) -> tuple[Tree | list[Tree], Any]:
-        """One inner step of every perturbed path on ``batch`` (uncounted: counted in bulk)."""
+    ) -> Tree:
+        """y_N of every perturbed path, stacked (oracles uncounted: counted in bulk)."""
         opt = self.optimizer
+
+        def descend(xq: Tree, yq: Tree, batches: list[Any]) -> Tree:
+            sq = opt.init(yq)
+            for batch in batches:
+                yq, sq = opt.update(yq, problem.grad_lower_y(xq, yq, batch), sq)
+            return yq
+
         with problem.uncounted(), problem.unwatched():
-            if not isinstance(ys, list):
+            if state.batched is not False:
                 try:
-                    grads = vmap(lambda xq, yq: problem.grad_lower_y(xq, yq, batch))(xs, ys)
+                    out = vmap(lambda xq, yq: descend(xq, yq, shared))(xs, ys)
                     state.batched = True
-                    return opt.update(ys, grads, ys_state)
+                    return out
                 except Exception:  # noqa: BLE001 - any vmap failure: fall back to the loop
                     if state.batched:
                         raise
                     state.batched = False
-                    paths = next(iter(ys.values())).shape[0]
-                    ys = _unstack(ys, paths)
-                    ys_state = [opt.init(yq) for yq in ys]  # first step: states are fresh
-            batches = [batch if self.shares_batches else problem.lower_batch() for _ in ys]
-            pairs = [
-                opt.update(yq, problem.grad_lower_y(xq, yq, b), sq)
-                for xq, yq, sq, b in zip(_unstack(xs, len(ys)), ys, ys_state, batches, strict=True)
+            paths = next(iter(ys.values())).shape[0]
+            starts = zip(_unstack(xs, paths), _unstack(ys, paths), strict=True)
+            ends = [
+                descend(xq, yq, shared if self.shares_batches else [step[q] for step in own])
+                for q, (xq, yq) in enumerate(starts)
             ]
-            return [p[0] for p in pairs], [p[1] for p in pairs]
-
-    @staticmethod
-    def _stacked(ys: Tree | list[Tree]) -> Tree:
-        if isinstance(ys, list) and ys:
-            return {k: torch.stack([yq[k] for yq in ys]) for k in ys[0]}
-        return tr.detach(ys)
+            return {k: torch.stack([end[k] for end in ends]) for k in ends[0]}
 
     def _combine(self, values: Tensor, base: Tensor | None) -> Tensor:
         """Per-direction finite-difference coefficients from per-path values [P]."""

@@ -197,15 +197,27 @@ class FewShotSetup:
         return vmap(lambda p, im, lab: F.cross_entropy(self.apply(p, im), lab))(y, images, labels)
 
     def lower(self, x: Tree, y: Tree, batch: Episode) -> Tensor:
-        if self.form == "feature":
-            return self.head_loss(self.features(x, batch.support_x), batch.support_y, y)
+        """MAML form: the support CE of per-task copies y of the network."""
         return self.net_losses(y, batch.support_x, batch.support_y).sum()
 
     def upper(self, x: Tree, y: Tree, batch: Episode) -> Tensor:
-        if self.form == "feature":
-            logits = _head_logits(self.features(x, batch.query_x), y)
-            return F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
+        """MAML form: the mean query CE of the adapted copies."""
         return self.net_losses(y, batch.query_x, batch.query_y).mean()
+
+    # feature form: the losses see x only through the features of the episode's images, declared
+    # as the problem's representations, so they are computed once per outer step
+    def support_features(self, x: Tree, batch: Episode) -> Tensor:
+        return self.features(x, batch.support_x)
+
+    def query_features(self, x: Tree, batch: Episode) -> Tensor:
+        return self.features(x, batch.query_x)
+
+    def head_lower(self, support: Tensor, y: Tree, batch: Episode) -> Tensor:
+        return self.head_loss(support, batch.support_y, y)
+
+    def head_upper(self, query: Tensor, y: Tree, batch: Episode) -> Tensor:
+        logits = _head_logits(query, y)
+        return F.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
 
     def zero_heads(self, x: Tree, tasks: int) -> Tree:
         like = next(iter(x.values()))
@@ -377,8 +389,17 @@ def few_shot(
                 "characters or drawings)"
             ) from err
     stream = EpisodeStream(lambda s: setup.sampler("train", s), meta_batch, seed, dtype)
+    if form == "feature":
+        losses = {
+            "upper": setup.head_upper,
+            "lower": setup.head_lower,
+            "upper_representation": setup.query_features,
+            "lower_representation": setup.support_features,
+        }
+    else:
+        losses = {"upper": setup.upper, "lower": setup.lower}
     problem = Problem(
-        upper=setup.upper, lower=setup.lower, task_data=stream, init_lower=setup.init_lower
+        **losses, task_data=stream, init_lower=setup.init_lower
     )
 
     def val_accuracy(ctx: StepContext) -> dict[str, float]:

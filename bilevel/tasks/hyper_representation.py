@@ -116,13 +116,19 @@ def hyper_representation(
             targets = features(true_x, inputs) @ w_true + noise * randn(n)
         splits[split] = (inputs, targets)
 
-    def mse(x: Tree, y: Tree, split: str) -> Tensor:
-        inputs, targets = splits[split]
-        return 0.5 * torch.mean((features(x, inputs) @ y["w"] - targets) ** 2)
+    def head_mse(z: Tensor, y: Tree, split: str) -> Tensor:
+        return 0.5 * torch.mean((z @ y["w"] - splits[split][1]) ** 2)
 
+    def mse(x: Tree, y: Tree, split: str) -> Tensor:
+        return head_mse(features(x, splits[split][0]), y, split)
+
+    # the losses see x only through the features of each split: declared as representations,
+    # they are computed once per outer step instead of once per inner gradient
     problem = Problem(
-        upper=lambda x, y, batch: mse(x, y, "val"),
-        lower=lambda x, y, batch: mse(x, y, "train") + 0.5 * reg * torch.sum(y["w"] ** 2),
+        upper=lambda z, y, batch: head_mse(z, y, "val"),
+        lower=lambda z, y, batch: head_mse(z, y, "train") + 0.5 * reg * torch.sum(y["w"] ** 2),
+        upper_representation=lambda x, batch: features(x, splits["val"][0]),
+        lower_representation=lambda x, batch: features(x, splits["train"][0]),
     )
 
     def metrics(ctx: StepContext) -> dict[str, float]:
