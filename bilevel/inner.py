@@ -111,16 +111,17 @@ def run_inner(
     y: Tree,
     steps: int,
     optimizer: InnerOptimizer,
-    create_graph: bool = False,
+    mode: str = "autograd",
 ) -> Tree:
     """``steps`` optimizer steps on g(x, ·) from y, one fresh lower batch per step.
 
-    Pure: differentiable w.r.t. x and y under torch.func transforms, or, with
-    ``create_graph``, under torch.autograd (the inner gradients keep their graph).
+    ``mode`` is how each inner gradient is taken (:meth:`bilevel.oracles.Oracles.grad_lower_y`):
+    ``"autograd"`` (default) for a loop that is not differentiated, ``"graph"`` to
+    differentiate it with torch.autograd (ITD), ``"func"`` under torch.func transforms.
     """
     state = optimizer.init(y)
     for _ in range(steps):
-        g = problem.grad_lower_y(x, y, problem.lower_batch(), create_graph=create_graph)
+        g = problem.grad_lower_y(x, y, problem.lower_batch(), mode=mode)
         y, state = optimizer.update(y, g, state)
     return y
 

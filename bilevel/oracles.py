@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp
 
-from bilevel import tree as tr
 from bilevel.linearization import LowerLinearization
 from bilevel.tree import Tree
 
@@ -95,7 +94,7 @@ class Oracles:
         self.counts: Counter[str] = Counter()
         self._counting = True
         self._watching = True
-        self._nonfinite: dict[str, Tensor] = {}
+        self._nonfinite: dict[str, Tensor] = {}  # oracle -> running sum of its outputs
         self._represented: dict[str, _Represented] = {}
 
     # ----------------------------------------------------------------- counting
@@ -129,21 +128,31 @@ class Oracles:
             self._watching = previous
 
     def watch(self, oracle: str, out: Tree | Tensor) -> None:
-        """Flag NaN/Inf in ``out`` (attributed to ``oracle``) without a host sync."""
+        """Flag NaN/Inf in ``out`` (attributed to ``oracle``) without a host sync.
+
+        Cheap enough for every oracle call: a running sum of the outputs' sums per oracle is
+        kept (one reduction per tensor); any NaN or Inf entry makes it non-finite, and
+        :meth:`raise_if_nonfinite` reads it once per outer step.
+        """
         if not self.check_finite or not self._counting or not self._watching:
             return
-        ok = tr.all_finite(out) if isinstance(out, dict) else torch.isfinite(out).all()
-        bad = ~ok.detach()
-        prev = self._nonfinite.get(oracle)
-        self._nonfinite[oracle] = bad if prev is None else prev | bad.to(prev.device)
+        tensors = out.values() if isinstance(out, dict) else (out,)
+        total = self._nonfinite.get(oracle)
+        for t in tensors:
+            part = t.detach().sum(dtype=torch.float64)
+            total = part if total is None else total + part.to(total.device)
+        if total is not None:
+            self._nonfinite[oracle] = total
 
     def raise_if_nonfinite(self, step: int) -> None:
         """Raise :class:`NonFiniteError` if any oracle produced NaN/Inf (one host sync)."""
         if not self._nonfinite:
             return
-        flags = self._nonfinite
+        sums = self._nonfinite
         self._nonfinite = {}
-        bad = [name for name, flag in flags.items() if bool(flag)]
+        names = list(sums)
+        finite = torch.isfinite(torch.stack([sums[n].to(torch.float64) for n in names]))
+        bad = [name for name, ok in zip(names, finite.tolist(), strict=True) if not ok]
         if bad:
             raise NonFiniteError(
                 f"oracle(s) {', '.join(bad)} produced NaN/Inf at outer step {step}; "
@@ -163,21 +172,28 @@ class Oracles:
         self._count("upper_eval")
         return self._reduced(self._upper_at(self._at("upper", x, batch)[0], y, batch))
 
-    def grad_lower_y(
-        self, x: Tree, y: Tree, batch: Any = None, create_graph: bool = False
-    ) -> Tree:
-        """∇_y g(x, y), differentiable w.r.t. x and y under ``torch.func`` transforms.
+    def grad_lower_y(self, x: Tree, y: Tree, batch: Any = None, mode: str = "func") -> Tree:
+        """∇_y g(x, y), by one of three means that give the same numbers:
 
-        ``create_graph=True`` differentiates with ``torch.autograd`` instead and keeps the
-        graph, so a regular ``backward`` through an unrolled loop reaches x (and y's start, if it
-        requires grad): ITD's path, faster than nesting ``torch.func.grad`` (see ITD).
+        - ``"func"`` (default): ``torch.func.grad``, differentiable w.r.t. x and y under
+          ``torch.func`` transforms (vmap, jvp, grad): for vmapped and forward-mode methods.
+        - ``"autograd"``: ``torch.autograd`` on detached leaves, no graph: the fastest for a
+          plain inner loop (measured ~10% faster on hyper-cleaning), not under transforms.
+        - ``"graph"``: ``torch.autograd`` keeping the graph, so a regular ``backward`` through
+          an unrolled loop reaches x (and y's start, if it requires grad): ITD's path.
         """
         self._count("lower_grad")
         w = self._at("lower", x, batch)[0]
-        if create_graph:
-            out = self._autograd_lower_y(w, y, batch)
-        else:
+        if mode == "func":
             out = self._grad_lower_y(w, y, batch)
+        elif mode == "graph":
+            out = self._autograd_lower_y(w, y, batch, create_graph=True)
+        elif mode == "autograd":
+            leaves = {k: v.detach().requires_grad_(True) for k, v in y.items()}
+            with torch.enable_grad():
+                out = self._autograd_lower_y(w, leaves, batch, create_graph=False)
+        else:
+            raise ValueError(f"mode must be 'func', 'autograd' or 'graph', got {mode!r}")
         out = self._reduced(out)
         self.watch("lower_grad", out)
         return out
@@ -321,11 +337,14 @@ class Oracles:
         """∇_y g at the lower loss's own argument w (x or z), uncounted."""
         return grad(lambda y_: self._lower_at(w, y_, batch))(y)
 
-    def _autograd_lower_y(self, w: Any, y: Tree, batch: Any) -> Tree:
-        """∇_y g by torch.autograd with the graph kept (y's tensors must require grad or carry a
-        graph); components g does not depend on are zeros."""
+    def _autograd_lower_y(self, w: Any, y: Tree, batch: Any, create_graph: bool) -> Tree:
+        """∇_y g by torch.autograd (y's tensors must require grad or carry a graph); components
+        g does not depend on are zeros."""
         grads = torch.autograd.grad(
-            self._lower_at(w, y, batch), list(y.values()), create_graph=True, allow_unused=True
+            self._lower_at(w, y, batch),
+            list(y.values()),
+            create_graph=create_graph,
+            allow_unused=True,
         )
         return {
             k: torch.zeros_like(v) if g is None else g

@@ -29,7 +29,7 @@ def func_itd(problem, method, x, y):
     batch = problem.upper_batch()
 
     def outer(x_):
-        y_k = run_inner(problem, x_, y, method.inner_steps, method.optimizer)
+        y_k = run_inner(problem, x_, y, method.inner_steps, method.optimizer, mode="func")
         return problem.upper_value(x_, y_k, batch), tr.detach(y_k)
 
     with problem.unwatched():

@@ -60,7 +60,7 @@ class ITD(Method):
                 name: t if t.requires_grad else t.detach().requires_grad_(True)
                 for name, t in y0.items()
             }
-            y = run_inner(problem, x_, y0, k, self.optimizer, create_graph=True)
+            y = run_inner(problem, x_, y0, k, self.optimizer, mode="graph")
             with problem.uncounted():
                 f = problem.upper_value(x_, y, upper_batch)
             grads = torch.autograd.grad(f, list(x_.values()), allow_unused=True)
