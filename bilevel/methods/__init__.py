@@ -3,6 +3,7 @@
 # importing a family's module registers its methods
 from bilevel.methods import bda as _bda  # noqa: F401
 from bilevel.methods import es as _es  # noqa: F401
+from bilevel.methods import first_order as _first_order  # noqa: F401
 from bilevel.methods import krylov as _krylov  # noqa: F401
 from bilevel.methods import langevin as _langevin  # noqa: F401
 from bilevel.methods import single_loop as _single_loop  # noqa: F401
@@ -14,10 +15,13 @@ from bilevel.methods.base import (
     methods_available,
     register,
 )
+from bilevel.methods.first_order import BOME, F2SA
 from bilevel.methods.implicit import ConjugateGradient, FixedPoint, NeumannSeries
 from bilevel.methods.unrolled import ITD, ForwardMode
 
 __all__ = [
+    "BOME",
+    "F2SA",
     "ITD",
     "ConjugateGradient",
     "FixedPoint",
