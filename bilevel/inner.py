@@ -106,15 +106,30 @@ def make_inner_optimizer(spec: str | InnerOptimizer, lr: float) -> InnerOptimize
 
 
 def run_inner(problem: Problem, x: Tree, y: Tree, steps: int, optimizer: InnerOptimizer) -> Tree:
-    """``steps`` optimizer steps on g(x, ·) from y, one fresh lower batch per step.
+    """``steps`` optimizer steps on g(x, ·) from y, one fresh lower batch per step, the
+    optimizer's state started afresh.
 
     Pure: differentiable w.r.t. x and y when called under autograd or torch.func.
     """
-    state = optimizer.init(y)
+    return run_inner_with_state(problem, x, y, steps, optimizer)[0]
+
+
+def run_inner_with_state(
+    problem: Problem,
+    x: Tree,
+    y: Tree,
+    steps: int,
+    optimizer: InnerOptimizer,
+    state: Any = None,
+) -> tuple[Tree, Any]:
+    """:func:`run_inner` continuing from the optimizer ``state`` (``None``: a fresh one, as
+    ``optimizer.init(y)``); returns the last iterate and the optimizer's state."""
+    if state is None:
+        state = optimizer.init(y)
     for _ in range(steps):
         g = problem.grad_lower_y(x, y, problem.lower_batch())
         y, state = optimizer.update(y, g, state)
-    return y
+    return y, state
 
 
 def run_aggregated(

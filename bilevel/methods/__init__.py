@@ -1,11 +1,9 @@
-"""Hypergradient methods: one file per family, each class an ``init`` + ``step``."""
+"""Hypergradient methods: one file per family, each class an ``init`` + ``step``.
 
-# importing a family's module registers its methods
-from bilevel.methods import bda as _bda  # noqa: F401
-from bilevel.methods import es as _es  # noqa: F401
-from bilevel.methods import krylov as _krylov  # noqa: F401
-from bilevel.methods import langevin as _langevin  # noqa: F401
-from bilevel.methods import single_loop as _single_loop  # noqa: F401
+Every registered method's class is exported here (``bl.methods.LancBiO(m=5)`` is
+``bl.method("lancbio", m=5)``).
+"""
+
 from bilevel.methods.base import (
     Method,
     MethodState,
@@ -14,17 +12,32 @@ from bilevel.methods.base import (
     methods_available,
     register,
 )
+from bilevel.methods.bda import BDA
+from bilevel.methods.es import ESJ, ESJS, HOZOG
 from bilevel.methods.implicit import ConjugateGradient, FixedPoint, NeumannSeries
+from bilevel.methods.krylov import LancBiO, SubBiO
+from bilevel.methods.langevin import SGLD
+from bilevel.methods.single_loop import SOBA, AmIGO, StocBiO
 from bilevel.methods.unrolled import ITD, ForwardMode
 
 __all__ = [
+    "BDA",
+    "ESJ",
+    "ESJS",
+    "HOZOG",
     "ITD",
+    "SGLD",
+    "SOBA",
+    "AmIGO",
     "ConjugateGradient",
     "FixedPoint",
     "ForwardMode",
+    "LancBiO",
     "Method",
     "MethodState",
     "NeumannSeries",
+    "StocBiO",
+    "SubBiO",
     "method",
     "method_class",
     "methods_available",
