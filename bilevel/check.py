@@ -193,8 +193,9 @@ def check_quadratic(
 _EXACT = {"inner_steps": 300, "inner_lr": 1.0}
 # `bilevel check`'s options per method, its outer steps at fixed x (methods that refine their
 # estimate across steps) and its tolerance: exact methods to near machine precision; bda, the
-# ES estimators and sgld are biased (bda's f-term at finite K), noisy (Q directions) or at a
-# temperature > 0, so their tolerance is their measured error with a margin, a regression check.
+# ES estimators and sgld are biased (bda's f-term at finite K), noisy (Q = 1024 seeded
+# directions) or at a temperature > 0, so their tolerance is about twice their measured error
+# (bda 4e-2, ES 7e-2, sgld 5e-3 with torch 2.13): a regression check, not a proof.
 QUADRATIC_CHECK: dict[str, dict[str, Any]] = {
     "itd": {"options": _EXACT, "tol": 1e-8},
     "forward": {"options": _EXACT, "tol": 1e-8},
@@ -206,18 +207,18 @@ QUADRATIC_CHECK: dict[str, dict[str, Any]] = {
     "lancbio": {"options": {"inner_steps": 100, "inner_lr": 1.0, "fallback_lr": 1.0},
                 "steps": 30, "tol": 1e-6},  # fmt: skip
     "subbio": {"options": {"inner_steps": 50, "inner_lr": 1.0, "solver_lr": 1.0},
-               "steps": 100, "tol": 1e-6},  # fmt: skip
+               "steps": 100, "tol": 2e-6},  # fmt: skip
     "soba": {"options": {"inner_steps": 1, "inner_lr": 1.0, "solver_lr": 1.0},
              "steps": 300, "tol": 1e-6},  # fmt: skip
-    "bda": {"options": {**_EXACT, "mu": 0.5}, "tol": 0.5},
+    "bda": {"options": {**_EXACT, "mu": 0.5}, "tol": 0.1},
     "esj": {"options": {**_EXACT, "directions": 1024, "radius": 1e-4, "antithetic": True},
-            "tol": 0.5},  # fmt: skip
+            "tol": 0.15},  # fmt: skip
     "esj_s": {"options": {**_EXACT, "directions": 1024, "radius": 1e-4, "antithetic": True},
-              "tol": 0.5},  # fmt: skip
+              "tol": 0.15},  # fmt: skip
     "hozog": {"options": {**_EXACT, "directions": 1024, "radius": 1e-4, "antithetic": True},
-              "tol": 1.0},  # fmt: skip
+              "tol": 0.15},  # fmt: skip
     "sgld": {"options": {"inner_steps": 2000, "inner_lr": 0.1, "temperature": 1e-6,
-                         "burn_in": 300}, "tol": 0.5},  # fmt: skip
+                         "burn_in": 300, "seed": 0}, "tol": 0.02},  # fmt: skip
 }
 
 

@@ -1,4 +1,4 @@
-"""bl.solve with torch.optim instances, partials and schedulers; a killed run resumes bit-exactly."""
+"""bl.solve with torch.optim instances, partials and schedulers; a killed run resumes exactly."""
 
 import functools
 import os
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 import bilevel as bl
 from bilevel.tasks import quadratic
 
