@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ class Task:
     at top level only the options every method shares (:data:`SHARED_OPTIONS`: ``inner_steps``,
     ``inner_lr``, ``inner_optimizer``, ``warm_start``, ``inner_state``), applied to each method
     that takes them; any other option under the name of a method that takes it
-    (``{"bda": {"mu": 0.5}}``, :func:`for_methods` repeats one block for several methods), so
+    (``{"bda": {"mu": 0.5}}``; :func:`solver_defaults` writes the linear-solve blocks), so
     no default reaches a method that does not take it or reads it differently;
     ``solve_defaults`` the outer loop's (``steps``, ``outer_optimizer``, ``outer_lr``);
     ``references`` computes reference points shown beside the methods in benchmark tables
@@ -56,12 +56,6 @@ class Task:
 
 # options of the Method base class: the only ones a task may give to every method at once
 SHARED_OPTIONS = tuple(Method.option_names())
-
-
-def for_methods(names: Iterable[str], **options: Any) -> dict[str, dict[str, Any]]:
-    """The same option block for each of ``names``, to spread into ``method_defaults``:
-    ``{**for_methods(("neumann", "fixed_point"), solver_lr=0.5)}``."""
-    return {name: dict(options) for name in names}
 
 
 # the methods that take each linear-solve option (LancBiO's step is fallback_lr, AmIGO's
