@@ -77,8 +77,10 @@ def implicit(
             singular Hessian, at the price of a biased gradient.
 
     x and y are trees (``dict[str, Tensor]``) or single tensors, any dtype and device.
-    Gradients flow to x only: ``args`` are constants (data). ``fn`` runs on detached x, so
-    its own autograd use (an inner ``torch.optim`` loop) is unaffected and no graph is kept.
+    Gradients flow to x only: ``args`` are constants (data). First derivatives only: a backward
+    with ``create_graph=True`` through the result raises rather than miss the solve's part.
+    ``fn`` runs on detached x, so its own autograd use (an inner ``torch.optim`` loop) is
+    unaffected and no graph is kept.
 
     Example::
 
@@ -129,6 +131,11 @@ class _ImplicitFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grad_y: Tensor | None) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: the result would miss the solve's part
+            raise RuntimeError(
+                "bl.implicit gives first derivatives only: differentiate without "
+                "create_graph=True through it"
+            )
         spec: _Spec = ctx.spec
         n = len(spec.x_keys)
         leaves = [t.detach() for t in ctx.saved_tensors]

@@ -172,3 +172,10 @@ def test_bad_arguments_are_clear_errors():
         bl.implicit(ridge_loss, ridge=-1.0)
     with pytest.raises(TypeError, match="the output of"):
         bl.implicit(ridge_loss)(lambda x: [x])(_x())
+
+
+def test_second_derivatives_are_refused_not_wrong():
+    x = _x()
+    loss = val_loss(bl.implicit(ridge_loss)(closed_form)(x)) + torch.sum(x**3)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(loss, x, create_graph=True)
