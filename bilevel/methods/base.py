@@ -102,6 +102,9 @@ class Method(metaclass=_OptionsChecked):
     def inner_loop(self, problem: Problem, x: Tree, state: MethodState) -> Tree:
         """This outer step's ``inner_steps`` optimizer steps from :meth:`inner_start`; with
         ``inner_state="keep"`` the optimizer's state is taken from and saved to ``state``."""
+        if self.inner_state == "keep" and problem.init_lower is not None:
+            raise ValueError("inner_state='keep' keeps the optimizer state of a warm-started y, "
+                             "but init_lower restarts y every outer step: use 'reset'")  # fmt: skip
         y = self.inner_start(problem, x, state)
         kept = state.inner_optimizer_state if self.inner_state == "keep" else None
         y, opt_state = run_inner_with_state(problem, x, y, self.inner_steps, self.optimizer, kept)
