@@ -3,7 +3,7 @@ same clear message."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 
 def check_int(name: str, value: object, minimum: int) -> None:
@@ -26,3 +26,11 @@ def reject_unknown_options(kind: str, name: str, given: Iterable[str], known: li
             f"{kind} {name!r} has no option(s) {', '.join(unknown)}; its options are: "
             f"{', '.join(known)}"
         )
+
+
+def reject_renamed_options(name: str, given: Iterable[str], renamed: Mapping[str, str]) -> None:
+    """Raise ``TypeError`` for an option given by an old name, naming its new one."""
+    old = sorted(set(given) & set(renamed))
+    if old:
+        moves = ", ".join(f"{o!r} is now {renamed[o]!r}" for o in old)
+        raise TypeError(f"method {name!r}: option {moves} (one meaning per option name)")

@@ -113,17 +113,33 @@ def run_inner(
     optimizer: InnerOptimizer,
     mode: str = "autograd",
 ) -> Tree:
-    """``steps`` optimizer steps on g(x, ·) from y, one fresh lower batch per step.
+    """``steps`` optimizer steps on g(x, ·) from y, one fresh lower batch per step, the
+    optimizer's state started afresh.
 
     ``mode`` is how each inner gradient is taken (:meth:`bilevel.oracles.Oracles.grad_lower_y`):
     ``"autograd"`` (default) for a loop that is not differentiated, ``"graph"`` to
     differentiate it with torch.autograd (ITD), ``"func"`` under torch.func transforms.
     """
-    state = optimizer.init(y)
+    return run_inner_with_state(problem, x, y, steps, optimizer, mode=mode)[0]
+
+
+def run_inner_with_state(
+    problem: Problem,
+    x: Tree,
+    y: Tree,
+    steps: int,
+    optimizer: InnerOptimizer,
+    state: Any = None,
+    mode: str = "autograd",
+) -> tuple[Tree, Any]:
+    """:func:`run_inner` continuing from the optimizer ``state`` (``None``: a fresh one, as
+    ``optimizer.init(y)``); returns the last iterate and the optimizer's state."""
+    if state is None:
+        state = optimizer.init(y)
     for _ in range(steps):
         g = problem.grad_lower_y(x, y, problem.lower_batch(), mode=mode)
         y, state = optimizer.update(y, g, state)
-    return y
+    return y, state
 
 
 def run_aggregated(

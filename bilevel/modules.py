@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -53,3 +54,27 @@ def functional(module: nn.Module) -> Callable[..., Any]:
         return functional_call(module, (tree, own_buffers), args, kwargs)
 
     return apply
+
+
+def hyperparameters(
+    module: nn.Module, per: str = "tensor", value: float = 0.0, only: str | None = None
+) -> Tree:
+    """A hyperparameter tree matching ``module``'s parameters, filled with ``value``.
+
+    ``per="tensor"``: one scalar per parameter tensor (e.g. one weight decay per layer);
+    ``per="weight"``: one per scalar weight, shaped like the parameter (e.g. per-weight decay).
+    Keys are the parameter names, dtype and device the parameters'; ``only`` keeps names that
+    contain this substring (``"weight"``: leave biases out). Use it as x with a lower loss such
+    as ``loss + sum(torch.sum(x[k].exp() * y[k] ** 2) for k in x)``.
+    """
+    if per not in ("tensor", "weight"):
+        raise ValueError(f"per must be 'tensor' or 'weight', got {per!r}")
+    tree = {}
+    for name, p in module.named_parameters():
+        if only is not None and only not in name:
+            continue
+        shape = () if per == "tensor" else p.shape
+        tree[name] = torch.full(shape, float(value), dtype=p.dtype, device=p.device)
+    if not tree:
+        raise ValueError(f"module has no parameters{'' if only is None else f' matching {only!r}'}")
+    return tree

@@ -69,7 +69,9 @@ SCHEDULES = {
 def test_reverse_mode_equals_finite_differences(schedule):
     problem, x, y = smooth_problem()
     K, mu, s_u, s_l = 8, 0.6, 0.3, 0.2
-    method = bl.method("bda", inner_steps=K, mu=mu, s_u=s_u, s_l=s_l, schedule=schedule, decay=0.8)
+    method = bl.method(
+        "bda", inner_steps=K, mu=mu, s_u=s_u, inner_lr=s_l, schedule=schedule, decay=0.8
+    )
     hg = bl.hypergrad(problem, x, y, method)
     weights = [SCHEDULES[schedule](mu, k) for k in range(K)]
     fd = finite_difference(lambda x_: aggregated_value(problem, x_, y, weights, s_u, s_l), x)
@@ -99,7 +101,7 @@ def test_mu_zero_is_exactly_itd_with_the_same_oracles():
 
 def test_truncated_equals_reverse_when_truncate_is_k_and_differs_below():
     problem, x, y = smooth_problem()
-    options = {"inner_steps": 6, "mu": 0.7, "s_l": 0.2, "s_u": 0.4}
+    options = {"inner_steps": 6, "mu": 0.7, "inner_lr": 0.2, "s_u": 0.4}
     full = bl.hypergrad(problem, x, y, bl.method("bda", **options))
     same = bl.hypergrad(problem, x, y, bl.method("bda", mode="truncated", truncate=6, **options))
     torch.testing.assert_close(same, full, rtol=0, atol=1e-15)
@@ -113,7 +115,10 @@ def test_truncated_is_the_derivative_of_the_last_steps():
     problem, x, y = smooth_problem()
     K, k, mu, s = 7, 3, 0.8, 0.2
     hg = bl.hypergrad(
-        problem, x, y, bl.method("bda", inner_steps=K, mu=mu, s_l=s, mode="truncated", truncate=k)
+        problem,
+        x,
+        y,
+        bl.method("bda", inner_steps=K, mu=mu, inner_lr=s, mode="truncated", truncate=k),
     )
     weights = [mu / (i + 1) for i in range(K)]
     y_mid = _aggregated_iterate(problem, x, y, weights[: K - k], s)
@@ -124,7 +129,7 @@ def test_truncated_is_the_derivative_of_the_last_steps():
 
 
 def _aggregated_iterate(problem, x, y0, weights, s):
-    method = bl.method("bda", inner_steps=len(weights), mu=0.0, s_l=s)
+    method = bl.method("bda", inner_steps=len(weights), mu=0.0, inner_lr=s)
     with problem.uncounted():
         return run_aggregated(problem, x, y0, weights, 1.0, method.optimizer)
 
@@ -279,10 +284,9 @@ def test_oracle_counts_per_mode():
         ({"schedule": "cosine"}, "unknown schedule"),
         ({"mu": 1.5}, "mu must be in"),
         ({"mu": "0.5"}, "mu must be a number"),
-        ({"s_l": 0.5, "inner_lr": 0.3}, "s_l is the inner step inner_lr"),
-        ({"inner_optimizer": Momentum(0.2), "s_l": 0.1}, "inner_optimizer.lr"),
+        ({"inner_optimizer": Momentum(0.2), "inner_lr": 0.1}, "inner_optimizer.lr"),
         ({"s_u": -1.0}, "s_u must be a positive"),
-        ({"s_l": 0.0}, "inner_lr must be a positive"),
+        ({"inner_lr": 0.0}, "inner_lr must be a positive"),
         ({"decay": 1.5, "schedule": "geometric"}, "decay must be in"),
         ({"mode": "truncated"}, "needs truncate"),
         ({"mode": "truncated", "truncate": -1}, "truncate must be an integer"),
@@ -304,7 +308,8 @@ def test_unknown_option_lists_the_options():
 
 
 def test_s_l_is_inner_lr():
-    assert bl.method("bda", s_l=0.3).inner_lr == 0.3
+    with pytest.raises(TypeError, match="'s_l' is now 'inner_lr'"):
+        bl.method("bda", s_l=0.3)
     assert bl.method("bda", inner_lr=0.3).s_l == 0.3
     method = bl.method("bda", inner_optimizer=Momentum(0.25))
     assert method.s_l == method.inner_lr == 0.25 and method.s_u == 0.25
@@ -314,7 +319,6 @@ def test_s_l_is_inner_lr():
         "inner_lr": 0.5,
         "inner_steps": 16,
         "warm_start": False,
-        "s_l": 0.5,
         "s_u": 0.5,
         "mu": 0.5,
     }

@@ -127,7 +127,7 @@ def run_es(method: str) -> torch.Tensor:
     problem = bl.Problem(upper, lower)
     x = {"l": torch.full((5,), -1.0, dtype=torch.float64)}
     y = {"w": torch.zeros(5, dtype=torch.float64)}
-    options = {"inner_steps": 10, "inner_lr": 0.5, "directions": 8, "mu": 1e-3}
+    options = {"inner_steps": 10, "inner_lr": 0.5, "directions": 8, "radius": 1e-3}
     return bl.hypergrad(problem, x, y, bl.method(method, **options), steps=2)["l"]
 
 

@@ -33,7 +33,7 @@ def _direction_terms(method: ESJ, problem, x, y) -> tuple[dict, torch.Tensor, to
     paths = method.run_paths(problem, x, state, range(method.directions))
     gx, gy = problem.grad_upper(x, paths.y)
     diff = torch.cat([(paths.ys[k] - paths.y[k]).flatten(1) for k in gy], 1)
-    coef = diff @ bl.tree.flatten(gy) / method.mu
+    coef = diff @ bl.tree.flatten(gy) / method.radius
     u = torch.cat([paths.u[k].flatten(1) for k in x], 1)
     return hg, bl.tree.flatten(gx) + coef[:, None] * u, u
 
@@ -41,7 +41,7 @@ def _direction_terms(method: ESJ, problem, x, y) -> tuple[dict, torch.Tensor, to
 def test_mean_is_exact_hypergradient_of_f_n_on_linear_response():
     task = quadratic(dim_x=4, dim_y=6, seed=1)
     p, x, y = task.problem, task.x0, task.y0
-    method = bl.method("esj", directions=4000, mu=0.1, inner_steps=N, inner_lr=LR)
+    method = bl.method("esj", directions=4000, radius=0.1, inner_steps=N, inner_lr=LR)
     hg, terms, _ = _direction_terms(method, p, x, y)
     mean, se = terms.mean(0), terms.std(0) / math.sqrt(terms.shape[0])
     torch.testing.assert_close(hg["x"], mean, rtol=1e-12, atol=1e-12)
@@ -107,7 +107,7 @@ def test_antithetic_pairs_cut_variance_on_curved_response():
                 bl.method(
                     "esj",
                     directions=q,
-                    mu=0.1,
+                    radius=0.1,
                     antithetic=antithetic,
                     seed=s,
                     inner_steps=5,
@@ -138,7 +138,12 @@ def test_sphere_per_tensor_shrinks_each_tensor_by_its_size():
     )
     x = {"a": task.x0["x"][:2].clone(), "b": task.x0["x"][2:].clone()}
     method = bl.method(
-        "esj", directions=4000, mu=0.1, inner_steps=N, inner_lr=LR, distribution="sphere_per_tensor"
+        "esj",
+        directions=4000,
+        radius=0.1,
+        inner_steps=N,
+        inner_lr=LR,
+        distribution="sphere_per_tensor",
     )
     hg, terms, u = _direction_terms(method, problem, x, task.y0)
     assert torch.allclose(u[:, :2].norm(dim=1), torch.ones(4000, dtype=u.dtype))
@@ -177,7 +182,7 @@ def test_oracle_counts(name, antithetic, expected, batched):
 def test_batched_and_loop_agree_with_momentum_and_adam():
     p, x, y = logistic_l2_problem()
     for opt in ("gd", "momentum", "adam"):
-        options = dict(directions=5, mu=1e-3, inner_steps=6, inner_lr=0.1, inner_optimizer=opt)
+        options = dict(directions=5, radius=1e-3, inner_steps=6, inner_lr=0.1, inner_optimizer=opt)
         a = bl.hypergrad(p, x, y, bl.method("esj", batched=True, **options), steps=2)
         b = bl.hypergrad(p, x, y, bl.method("esj", batched=False, **options), steps=2)
         assert relative_error(a, b) < 1e-9, opt
@@ -227,12 +232,12 @@ def test_agrees_with_itd_in_float64_as_mu_shrinks():
     errors = []
     for q in (64, 4096):
         method = bl.method(
-            "esj", directions=q, mu=1e-5, antithetic=True, inner_steps=15, inner_lr=0.5
+            "esj", directions=q, radius=1e-5, antithetic=True, inner_steps=15, inner_lr=0.5
         )
         errors.append(relative_error(bl.hypergrad(p, x, y, method), exact))
     assert errors[1] < 0.05 and errors[1] < 0.25 * errors[0], errors
     hozog = bl.method(
-        "hozog", directions=4096, mu=1e-5, antithetic=True, inner_steps=15, inner_lr=0.5
+        "hozog", directions=4096, radius=1e-5, antithetic=True, inner_steps=15, inner_lr=0.5
     )
     assert relative_error(bl.hypergrad(p, x, y, hozog), exact) < 0.1
 
@@ -274,7 +279,12 @@ def test_esj_s_common_batches_have_far_lower_variance():
         for s in range(12):
             problem, x, y = _stream_problem(seed=s)
             method = bl.method(
-                "esj_s", directions=8, mu=0.01, inner_steps=10, inner_lr=0.2, common_batches=common
+                "esj_s",
+                directions=8,
+                radius=0.01,
+                inner_steps=10,
+                inner_lr=0.2,
+                common_batches=common,
             )
             estimates.append(bl.hypergrad(problem, x, y, method)["l"])
         return float(torch.stack(estimates).var(0).sum())
@@ -293,7 +303,7 @@ def test_few_shot_feature_form_one_direction_shared_by_all_tasks():
             "few_shot", n_alphabets=6, n_characters=6, n_drawings=6, image_size=16, hidden=4,
             meta_batch=2, n_query=2, k_shot=2, n_way=3, split_sizes=(4, 1, 1),
         )  # fmt: skip
-        method = bl.method("esj", directions=2, mu=0.1, inner_steps=3, batched=batched)
+        method = bl.method("esj", directions=2, radius=0.1, inner_steps=3, batched=batched)
         out[batched] = bl.hypergrad(task.problem, task.x0, None, method)
     assert all(v.dtype == torch.float32 for v in out[True].values())
     assert relative_error(out[True], out[False]) < 1e-4
@@ -304,8 +314,8 @@ def test_bad_options_raise():
         bl.method("esj", distribution="uniform")
     with pytest.raises(ValueError, match="directions"):
         bl.method("esj", directions=0)
-    with pytest.raises(ValueError, match="mu"):
-        bl.method("hozog", mu=0.0)
+    with pytest.raises(ValueError, match="radius"):
+        bl.method("hozog", radius=0.0)
     with pytest.raises(ValueError, match="batched"):
         bl.method("esj", batched="yes")
     with pytest.raises(TypeError, match="common_batches"):

@@ -38,9 +38,13 @@ def test_lancbio_iterates_equal_cg_iterates_with_fixed_system():
             assert torch.allclose(state.v["y"], cg["v"], rtol=0, atol=1e-8 * float(cg["v"].norm()))
 
 
+# the step η: SubBiO's and SOBA's solver step, LancBiO's fallback step
+_STEP = {"lancbio": "fallback_lr", "subbio": "solver_lr", "soba": "solver_lr"}
+
+
 def _error_after(name, steps, **options):
     task, data = _quadratic(seed=3)
-    method = bl.method(name, inner_lr=1.0, solver_lr=1.0, **options)
+    method = bl.method(name, inner_lr=1.0, **{_STEP[name]: 1.0}, **options)
     hg = bl.hypergrad(task.problem, task.x0, task.y0, method, steps=steps)
     return relative_error(hg, data.hypergradient(task.x0))
 
@@ -101,7 +105,7 @@ def _identity_problem():
 @pytest.mark.parametrize("name", ["lancbio", "subbio"])
 def test_identity_hessian_breakdown_runs_without_nan_and_converges(name):
     problem, x, y, exact = _identity_problem()
-    method = bl.method(name, inner_steps=3, inner_lr=0.5, solver_lr=0.5)
+    method = bl.method(name, inner_steps=3, inner_lr=0.5, **{_STEP[name]: 0.5})
     state = method.init(problem, x, y)
     for _ in range(40):
         hg, state = method.step(problem, x, state)
@@ -129,7 +133,7 @@ def _indefinite_problem():
 
 def test_indefinite_hessian_takes_safe_steps_warns_and_counts():
     problem, x, y = _indefinite_problem()
-    method = bl.method("lancbio", inner_steps=0, m=4, m_max=4, solver_lr=0.1)
+    method = bl.method("lancbio", inner_steps=0, m=4, m_max=4, fallback_lr=0.1)
     state = method.init(problem, x, y)
     with pytest.warns(RuntimeWarning, match="not positive definite"):
         for _ in range(12):
@@ -178,7 +182,7 @@ def test_oracle_counts():
 def test_float32_stays_finite_and_accurate(name):
     task, data = _quadratic(dtype=torch.float32, seed=1)
     extra = {"m": 5, "m_max": 5} if name == "lancbio" else {}
-    method = bl.method(name, inner_steps=5, inner_lr=1.0, solver_lr=1.0, **extra)
+    method = bl.method(name, inner_steps=5, inner_lr=1.0, **{_STEP[name]: 1.0}, **extra)
     hg = bl.hypergrad(task.problem, task.x0, task.y0, method, steps=150)
     assert hg["x"].dtype == torch.float32 and bool(torch.isfinite(hg["x"]).all())
     wide = QuadraticData(
@@ -214,10 +218,12 @@ def test_bad_options_raise_clear_errors():
         ({"m_growth": 0.5}, "m_growth must be a number >= 1"),
         ({"m_period": 0}, "m_period"),
         ({"window": "yes"}, "window must be True or False"),
-        ({"solver_lr": 0.0}, "solver_lr"),
+        ({"fallback_lr": 0.0}, "fallback_lr"),
     ):
         with pytest.raises(ValueError, match=match):
             bl.method("lancbio", **options)
+    with pytest.raises(TypeError, match="'solver_lr' is now 'fallback_lr'"):
+        bl.method("lancbio", solver_lr=0.1)
     with pytest.raises(TypeError, match=r"has no option\(s\) m;"):
         bl.method("subbio", m=3)
 

@@ -120,7 +120,7 @@ def distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 TAU, ETA = 0.5, 0.1
-CHAIN = {"temperature": TAU, "step_size": ETA, "chains": 512, "burn_in": 60, "inner_steps": 150}
+CHAIN = {"temperature": TAU, "inner_lr": ETA, "chains": 512, "burn_in": 60, "inner_steps": 150}
 
 
 # ----------------------------------------------------------------- the sampler
@@ -134,7 +134,7 @@ def test_sgld_samples_the_discretized_gaussian():
     )
     x, tau, eta = {"x": torch.tensor([0.5, -1.0], dtype=DT)}, 0.2, 1.0
     method = bl.method(
-        "sgld", temperature=tau, step_size=eta, chains=4000, burn_in=60, inner_steps=2,
+        "sgld", temperature=tau, inner_lr=eta, chains=4000, burn_in=60, inner_steps=2,
         estimator="covariance", seed=3,
     )  # fmt: skip
     state = method.init(problem, x, {"y": torch.zeros(3, dtype=DT)})
@@ -202,7 +202,7 @@ def test_first_order_forward_is_a_damped_scalar_preconditioner():
     task = quadratic(dim_x=3, dim_y=5, condition=1.0)  # A = I
     eta = 0.2
     method = bl.method(
-        "sgld", hessian=False, damping=1 - eta, temperature=1e-8, step_size=eta, chains=2,
+        "sgld", hessian=False, damping=1 - eta, temperature=1e-8, inner_lr=eta, chains=2,
         burn_in=150, inner_steps=20, seed=0,
     )  # fmt: skip
     hg = bl.hypergrad(task.problem, task.x0, task.y0, method)
@@ -224,7 +224,7 @@ def test_small_temperature_approaches_the_deterministic_hypergradient(estimator,
     task = quadratic(dim_x=3, dim_y=5, condition=4.0)
     data = task.metadata["data"]
     method = bl.method(
-        "sgld", estimator=estimator, temperature=1e-6, step_size=step_size, chains=256,
+        "sgld", estimator=estimator, temperature=1e-6, inner_lr=step_size, chains=256,
         burn_in=int(60 / step_size), inner_steps=100, thin=5, seed=0,
     )  # fmt: skip
     hg = bl.hypergrad(task.problem, task.x0, task.y0, method)
@@ -264,7 +264,7 @@ def test_two_minima_sgld_weights_both_modes_deterministic_methods_pick_one():
             _, state = method.step(problem, x, state)
             assert abs(float(state.y["y"]) - math.copysign(1.0, start)) < 1e-3
         method = bl.method(
-            "sgld", temperature=tau, step_size=0.02, chains=512, burn_in=600, inner_steps=100,
+            "sgld", temperature=tau, inner_lr=0.02, chains=512, burn_in=600, inner_steps=100,
             thin=10, estimator="covariance", seed=1,
         )  # fmt: skip
         state = method.init(problem, x, y0)

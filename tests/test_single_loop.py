@@ -112,9 +112,11 @@ def test_stocbio_error_decays_like_one_minus_lr_mu_to_the_j(solver_lr):
 def test_amigo_warm_start_improves_the_estimate_across_outer_steps(key):
     # few solver steps per outer step: the warm-started v carries the work over
     task = quadratic(dim_x=5, dim_y=10, condition=10.0, seed=1)
-    options = {"inner_steps": 10, "inner_lr": 1.0, "solver_iters": 2, "solver_tol": 0.0}
+    options = {"inner_steps": 10, "inner_lr": 1.0, "solver_iters": 2}
     if key == "amigo-gd":
         options.update(solver="gd", solver_lr=1.0)
+    else:
+        options.update(solver_tol=0.0)
     errors = _trajectory(task, _method(key, **options), 80)
     assert strictly_decreasing(errors[::10]), errors[::10]
     assert errors[-1] < 1e-6
@@ -178,13 +180,13 @@ def test_soba_counts():
     }
 
 
-def test_stocbio_counts_j_minus_one_hvps():
-    # J = solver_iters series terms cost J − 1 HVPs (the first term is b itself)
+def test_stocbio_counts_j_hvps():
+    # J = solver_iters HVPs, a series of J + 1 terms (the first term is b itself)
     assert _counts("stocbio", 2, inner_steps=3, solver_iters=5) == {
         "lower_grad": 6,
         "upper_grad": 2,
         "linearize": 2,
-        "hvp": 8,
+        "hvp": 10,
         "mixed": 2,
     }
 
@@ -277,10 +279,10 @@ STOCHASTIC = {
 
 @pytest.mark.parametrize(
     ("key", "lower_per_step"),
-    [("soba", 1 + 2), ("stocbio", 3 + 5 + 1), ("amigo-gd", 3 + 5 + 1), ("amigo-cg", 3 + 1 + 1)],
+    [("soba", 1 + 2), ("stocbio", 3 + 6 + 1), ("amigo-gd", 3 + 5 + 1), ("amigo-cg", 3 + 1 + 1)],
 )
 def test_each_oracle_draws_a_fresh_batch(key, lower_per_step):
-    # soba: K inner + HVP + mixed; stocbio: K + (J − 1) + mixed; amigo gd: K + J + mixed;
+    # soba: K inner + HVP + mixed; stocbio: K + J + mixed; amigo gd: K + J + mixed;
     # amigo cg: K + one batch for all CG products + mixed. One upper batch per step.
     problem, _ = noisy_quadratic(quadratic_data(dim_x=3, dim_y=6, seed=0), sigma=0.05)
     options, _ = STOCHASTIC[key]
@@ -350,12 +352,14 @@ def test_float32(key):
         ("soba", {"solver_lr": 0.0}, "solver_lr must be a positive number"),
         ("soba", {"warm_start": False}, "warm_start=True"),
         ("soba", {"inner_lr": -1.0}, "inner_lr must be a positive number"),
-        ("stocbio", {"solver_iters": 0}, "solver_iters must be an integer >= 1"),
+        ("stocbio", {"solver_iters": -1}, "solver_iters must be an integer >= 0"),
         ("stocbio", {"solver_lr": -0.1}, "solver_lr must be a positive number"),
         ("amigo", {"solver": "lbfgs"}, "solver must be one of cg, gd"),
         ("amigo", {"solver_tol": -1e-3}, "solver_tol must be a number >= 0"),
         ("amigo", {"solver_iters": -1}, "solver_iters must be an integer >= 0"),
         ("amigo", {"solver": "gd", "solver_lr": "big"}, "solver_lr must be a positive number"),
+        ("amigo", {"solver_lr": 0.5}, "solver='cg' has no solver_lr"),
+        ("amigo", {"solver": "gd", "solver_tol": 0.0}, "solver='gd' has no solver_tol"),
     ],
 )
 def test_bad_options_raise_clear_errors(name, options, message):

@@ -7,7 +7,10 @@ state between outer steps:
     hg, state = method.step(problem, x, state)     # hg: tree like x; state.y: inner iterate
 
 Options are dataclass fields with names shared across methods (``inner_steps``, ``inner_lr``,
-``inner_optimizer``, ``warm_start``, ``solver_iters``, ...), so methods swap by name.
+``inner_optimizer``, ``warm_start``, ``solver_iters``, ...), so methods swap by name, and each
+name means one thing everywhere. An option that was renamed is listed in the class's
+``RENAMED`` (old -> new name); passing the old name raises an error naming the new one, whether
+the method is built by :func:`method` or by calling the class.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from bilevel import tree as tr
-from bilevel.checks import check_int, reject_unknown_options
-from bilevel.inner import InnerOptimizer, make_inner_optimizer
+from bilevel.checks import check_int, reject_renamed_options, reject_unknown_options
+from bilevel.inner import InnerOptimizer, make_inner_optimizer, run_inner_with_state
 from bilevel.problem import Problem
 from bilevel.tree import Tree
 
@@ -31,21 +34,55 @@ class MethodState:
     y: Tree
     y0: Tree
     info: dict[str, Any] = field(default_factory=dict)
+    inner_optimizer_state: Any = None  # kept across outer steps with inner_state="keep"
+
+
+class _OptionsChecked(type):
+    """Metaclass: reject renamed options before the dataclass ``__init__`` sees them, so
+    ``ESJ(mu=...)`` names the new option as clearly as ``bl.method("esj", mu=...)``."""
+
+    def __call__(cls, *args: Any, **options: Any) -> Any:
+        reject_renamed_options(cls.name or cls.__name__, options, cls.RENAMED)
+        return super().__call__(*args, **options)
+
+
+INNER_STATES = ("reset", "keep")
 
 
 @dataclass(kw_only=True)
-class Method:
-    """Base class: options shared by every method that runs an inner loop."""
+class Method(metaclass=_OptionsChecked):
+    """Base class: options shared by every method that runs an inner loop.
+
+    ``inner_state``: ``"reset"`` (default) starts the inner optimizer's state (momentum, Adam's
+    moments) afresh at every outer step; ``"keep"`` carries it over with the warm-started y
+    (methods with ``KEEPS_INNER_STATE`` only: those whose inner loop is not differentiated).
+    """
 
     name: ClassVar[str] = ""
+    RENAMED: ClassVar[dict[str, str]] = {}
+    KEEPS_INNER_STATE: ClassVar[bool] = False
     inner_steps: int = 10
     inner_lr: float = 0.1
     inner_optimizer: str | InnerOptimizer = "gd"
     warm_start: bool = True
+    inner_state: str = "reset"
 
     def __post_init__(self) -> None:
         check_int("inner_steps", self.inner_steps, 0)
         self.optimizer = make_inner_optimizer(self.inner_optimizer, self.inner_lr)
+        if self.inner_state not in INNER_STATES:
+            raise ValueError(
+                f"inner_state must be one of {', '.join(INNER_STATES)}, got {self.inner_state!r}"
+            )
+        if self.inner_state == "keep":
+            if not self.KEEPS_INNER_STATE:
+                raise ValueError(
+                    f"{self.name or type(self).__name__} differentiates through or restarts its "
+                    "inner loop: inner_state='keep' is not supported (use 'reset')"
+                )
+            if self.warm_start is not True:
+                raise ValueError("inner_state='keep' needs warm_start=True (it keeps the state "
+                                 "of the inner optimizer with the y it belongs to)")  # fmt: skip
 
     def init(self, problem: Problem, x: Tree, y: Tree | None) -> MethodState:
         """Initial state. ``y`` is cloned: the caller's tensors are never modified."""
@@ -61,6 +98,19 @@ class Method:
         if problem.init_lower is not None:
             return tr.detach(problem.init_lower(tr.detach(x)))
         return state.y if self.warm_start else state.y0
+
+    def inner_loop(self, problem: Problem, x: Tree, state: MethodState) -> Tree:
+        """This outer step's ``inner_steps`` optimizer steps from :meth:`inner_start`; with
+        ``inner_state="keep"`` the optimizer's state is taken from and saved to ``state``."""
+        if self.inner_state == "keep" and problem.init_lower is not None:
+            raise ValueError("inner_state='keep' keeps the optimizer state of a warm-started y, "
+                             "but init_lower restarts y every outer step: use 'reset'")  # fmt: skip
+        y = self.inner_start(problem, x, state)
+        kept = state.inner_optimizer_state if self.inner_state == "keep" else None
+        y, opt_state = run_inner_with_state(problem, x, y, self.inner_steps, self.optimizer, kept)
+        if self.inner_state == "keep":
+            state.inner_optimizer_state = opt_state
+        return y
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -102,5 +152,6 @@ def method(name: str, **options: Any) -> Method:
     """Build a registered method by name; unknown options raise a ``TypeError`` listing the
     options the method has."""
     cls = method_class(name)
+    reject_renamed_options(name, options, cls.RENAMED)
     reject_unknown_options("method", name, options, cls.option_names())
     return cls(**options)

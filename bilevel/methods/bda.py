@@ -51,9 +51,10 @@ class BDA(Method):
             μ ``constant`` (default for ``onestage``), or ``learnable``: harmonic with μ
             updated by SGD (step ``mu_lr``) on its own hypergradient ∂f(x, y_K)/∂μ, clamped to
             [0, 1]. The schedule restarts at k = 0 every outer step.
-        s_u: step on ∇_y f (default: s_l).
-        s_l: step on ∇_y g. It IS ``inner_lr`` (the inner descent module's learning rate):
-            give either, or both equal; default 0.1. The aggregated direction
+        s_u: step on ∇_y f (default: the step on ∇_y g).
+        inner_lr: the paper's s_l, the step on ∇_y g (default 0.1; an ``inner_optimizer``
+            instance's own lr must agree). The old alias ``s_l`` is rejected: one name per
+            option across methods. The aggregated direction
             α_k·(s_u/s_l)·∇_y f + (1 − α_k)·∇_y g is fed to ``inner_optimizer`` (gd, momentum,
             nesterov, adam or an instance), so with ``gd`` the step is exactly the paper's.
         mode: ``reverse`` (through all K aggregated steps, and through ``init_lower``),
@@ -73,10 +74,10 @@ class BDA(Method):
     decay: float = 0.9
     mu_lr: float = 0.01
     s_u: float | None = None
-    s_l: float | None = None
     mode: str = "reverse"
     truncate: int | None = None
     fd_radius: float = 0.01
+    RENAMED = {"s_l": "inner_lr"}
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -92,7 +93,7 @@ class BDA(Method):
         if not 0.0 <= self.mu <= 1.0:
             raise ValueError(f"mu must be in [0, 1], got {self.mu!r}")
         self.mu = float(self.mu)
-        self.s_l = self.inner_lr = self._lower_step()
+        self.inner_lr = self._lower_step()
         super().__post_init__()
         self.s_u = self.s_l if self.s_u is None else self.s_u
         check_positive("s_u", self.s_u)
@@ -118,15 +119,20 @@ class BDA(Method):
                     "differences: it needs inner_optimizer='gd'"
                 )
 
+    @property
+    def s_l(self) -> float:
+        """The paper's name for the step on ∇_y g: ``inner_lr``."""
+        return self.inner_lr
+
     def _lower_step(self) -> float:
-        """s_l, inner_lr and an optimizer instance's lr name one step: they must agree."""
-        given = {"s_l": self.s_l, "inner_lr": self.inner_lr}
+        """inner_lr and an optimizer instance's lr name one step: they must agree."""
+        given = {"inner_lr": self.inner_lr}
         if not isinstance(self.inner_optimizer, str):
             given["inner_optimizer.lr"] = getattr(self.inner_optimizer, "lr", None)
         given = {k: v for k, v in given.items() if v is not None}
         if len(set(given.values())) > 1:
             named = ", ".join(f"{k}={v!r}" for k, v in given.items())
-            raise ValueError(f"s_l is the inner step inner_lr: give one value, got {named}")
+            raise ValueError(f"inner_lr is the inner optimizer's lr: give one value, got {named}")
         return next(iter(given.values()), DEFAULT_LOWER_STEP)
 
     def init(self, problem: Problem, x: Tree, y: Tree | None) -> BDAState:

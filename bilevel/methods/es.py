@@ -105,7 +105,7 @@ class Perturbed(Method):
 
     Options:
         directions: Q, random directions per outer step (the paper uses 1).
-        mu: finite-difference radius μ.
+        radius: finite-difference radius μ (``mu`` is BDA's aggregation weight, a different thing).
         distribution: ``gaussian`` (default) or ``sphere_per_tensor`` (biased, see
             :func:`draw_direction`).
         antithetic: use ± pairs, (y_N(x + μu) − y_N(x − μu)) / 2μ: the O(μ) term of the
@@ -118,16 +118,17 @@ class Perturbed(Method):
     """
 
     directions: int = 1
-    mu: float = 0.01
+    radius: float = 0.01
     distribution: str = "gaussian"
     antithetic: bool = False
     seed: int = 0
     batched: bool | str = "auto"
+    RENAMED = {"mu": "radius"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("directions", self.directions, 1)
-        check_positive("mu", self.mu)
+        check_positive("radius", self.radius)
         check_int("seed", self.seed, 0)
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(
@@ -184,7 +185,7 @@ class Perturbed(Method):
         x = tr.detach(x)
         u = draw_directions(x, self.seed, state.t, qs, self.distribution)
         signs = (1.0, -1.0) if self.antithetic else (1.0,)
-        shifts = {k: torch.cat([s * self.mu * u[k] for s in signs]) for k in u}
+        shifts = {k: torch.cat([s * self.radius * u[k] for s in signs]) for k in u}
         xs = {k: x[k] + shifts[k] for k in x}
         paths = shifts[next(iter(shifts))].shape[0]
         y = self.inner_start(problem, x, state)
@@ -261,8 +262,8 @@ class Perturbed(Method):
         """Per-direction finite-difference coefficients from per-path values [P]."""
         if self.antithetic:
             plus, minus = values.chunk(2)
-            return (plus - minus) / (2 * self.mu)
-        return (values - base) / self.mu
+            return (plus - minus) / (2 * self.radius)
+        return (values - base) / self.radius
 
 
 def _unstack(stacked: Tree, n: int) -> list[Tree]:

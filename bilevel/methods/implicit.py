@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 from bilevel import tree as tr
 from bilevel.checks import check_int, check_positive
-from bilevel.inner import run_inner
 from bilevel.linalg import SolveInfo, conjugate_gradient, fixed_point, neumann
 from bilevel.linearization import LowerLinearization
 from bilevel.methods.base import Method, MethodState, register
@@ -37,8 +36,10 @@ class ImplicitState(MethodState):
 
 @dataclass(kw_only=True)
 class Implicit(Method):
-    """Shared AID step; subclasses choose the linear solver."""
+    """Shared AID step; subclasses choose the linear solver. ``solver_iters`` counts
+    Hessian-vector products (J) for every solver."""
 
+    KEEPS_INNER_STATE = True
     solver_iters: int = 20
 
     def __post_init__(self) -> None:
@@ -57,9 +58,7 @@ class Implicit(Method):
 
     def step(self, problem: Problem, x: Tree, state: ImplicitState) -> tuple[Tree, ImplicitState]:
         x = tr.detach(x)
-        y = run_inner(
-            problem, x, self.inner_start(problem, x, state), self.inner_steps, self.optimizer
-        )
+        y = self.inner_loop(problem, x, state)
         gx, gy = problem.grad_upper(x, y, problem.upper_batch())
         # one linearisation of ∇_y g serves every HVP of the solve and the mixed product
         lin = problem.linearize_lower(x, y, problem.lower_batch())
@@ -92,10 +91,11 @@ class ConjugateGradient(Implicit):
 @register("neumann")
 @dataclass(kw_only=True)
 class NeumannSeries(Implicit):
-    """AID with a truncated Neumann series v = η Σ_{j<J} (I − ηA)^j ∇_y f (needs η < 2/L).
+    """AID with a truncated Neumann series v = η Σ_{j≤J} (I − ηA)^j ∇_y f (needs η < 2/L).
 
-    No warm start (the series restarts from ∇_y f). Oracles: K inner gradients, 1
-    linearisation, J − 1 HVPs, 1 mixed product.
+    J = ``solver_iters`` HVPs, so the series has J + 1 terms (J = 0: v = η ∇_y f). No warm
+    start (the series restarts from ∇_y f). Oracles: K inner gradients, 1 linearisation, J HVPs,
+    1 mixed product.
     """
 
     solver_lr: float = 0.1
@@ -103,10 +103,9 @@ class NeumannSeries(Implicit):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive("solver_lr", self.solver_lr)
-        check_int("solver_iters", self.solver_iters, 1)
 
     def solve(self, problem, x, y, b, v0, lin):
-        return neumann(lin.hvp, b, self.solver_lr, self.solver_iters)
+        return neumann(lin.hvp, b, self.solver_lr, self.solver_iters + 1)  # J HVPs: J + 1 terms
 
 
 @register("fixed_point")

@@ -27,7 +27,6 @@ from torch import Tensor
 
 from bilevel import tree as tr
 from bilevel.checks import check_int, check_positive
-from bilevel.inner import run_inner
 from bilevel.linalg import projected_solve
 from bilevel.linearization import LowerLinearization
 from bilevel.methods.base import Method, register
@@ -49,14 +48,14 @@ def _unit(vector: Tensor) -> tuple[Tensor, Tensor]:
 class _Krylov(Method):
     """Shared pieces: inner steps, the upper gradient and a flat Hessian-vector product."""
 
+    KEEPS_INNER_STATE = True
+
     def _inner_and_upper(
         self, problem: Problem, x: Tree, state: ImplicitState
     ) -> tuple[Tree, Tree, Tree, LowerLinearization]:
         """(y after the inner steps, ∇_x f, ∇_y f, ∇_y g linearised at this step's lower batch:
         every product of the step is a pullback through it)."""
-        y = run_inner(
-            problem, x, self.inner_start(problem, x, state), self.inner_steps, self.optimizer
-        )
+        y = self.inner_loop(problem, x, state)
         gx, gy = problem.grad_upper(x, y, problem.upper_batch())
         return y, gx, gy, problem.linearize_lower(x, y, problem.lower_batch())
 
@@ -165,7 +164,8 @@ class LancBiO(_Krylov):
     min(⌈``m_growth``·m⌉, ``m_max``) (taking effect at the next restart); ``window=True`` is the
     authors' variant for early epochs: no anchor and no restarts, the last m Lanczos vectors
     only, started from b; ``reorthogonalize`` orthogonalises each new vector against the cycle's
-    basis (O(m·|y|) more work per step, no oracle); ``solver_lr`` η of the safe step.
+    basis (O(m·|y|) more work per step, no oracle); ``fallback_lr`` η of the safe step taken
+    when T is not positive definite (renamed from ``solver_lr``: LancBiO has no solver step).
 
     Guards (counted in ``info``): a breakdown (β ≈ 0: the Krylov space is invariant, e.g. A = I)
     restarts at the next step; an indefinite or singular T (or a non-finite solve) keeps the
@@ -184,14 +184,15 @@ class LancBiO(_Krylov):
     m_max: int = 100
     window: bool = False
     reorthogonalize: bool = False
-    solver_lr: float = 0.1
+    fallback_lr: float = 0.1
+    RENAMED = {"solver_lr": "fallback_lr"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("m", self.m, 1)
         check_int("m_period", self.m_period, 1)
         check_int("m_max", self.m_max, self.m)
-        check_positive("solver_lr", self.solver_lr)
+        check_positive("fallback_lr", self.fallback_lr)
         if not isinstance(self.m_growth, (int, float)) or not self.m_growth >= 1:
             raise ValueError(f"m_growth must be a number >= 1, got {self.m_growth!r}")
         for name in ("window", "reorthogonalize"):
@@ -230,7 +231,7 @@ class LancBiO(_Krylov):
         candidate = state.anchor + s @ basis
         ok = positive & torch.isfinite(candidate).all()
         first = state.cycle == 0 and not self.window
-        fallback = state.anchor + self.solver_lr * r if first else v_prev
+        fallback = state.anchor + self.fallback_lr * r if first else v_prev
         v = torch.where(ok, candidate, fallback)
         omega = u - alpha * q
         if self.reorthogonalize:

@@ -57,10 +57,11 @@ class LangevinState(MethodState):
 class SGLD(Method):
     """SGLD sampling of the Gibbs inner distribution, recurrent hypergradient (Kim & Hospedales).
 
-    Each outer step runs ``burn_in + inner_steps`` Langevin steps of size ``step_size`` (default
-    ``inner_lr``) at temperature ``temperature`` on ``chains`` chains (vmapped; persistent across
-    outer steps when ``warm_start``) and averages the estimator over every ``thin``-th step after
-    burn-in. ``state.y`` is the mean of those samples (the estimate of E[y]).
+    Each outer step runs ``burn_in + inner_steps`` Langevin steps of size ``inner_lr`` (the
+    old alias ``step_size`` is rejected) at temperature ``temperature`` on ``chains`` chains
+    (vmapped; persistent across outer steps when ``warm_start``) and averages the estimator
+    over every ``thin``-th step after burn-in. ``state.y`` is the mean of those samples (the
+    estimate of E[y]).
 
     ``estimator``:
       - ``forward`` (default): hg = mean of ∇_x f − ∇²_xy g · q_k, with the adjoint q carried along
@@ -83,7 +84,7 @@ class SGLD(Method):
     """
 
     inner_optimizer: str | InnerOptimizer = field(default="gd", init=False)
-    step_size: float | None = None
+    RENAMED = {"step_size": "inner_lr"}
     temperature: float = 1e-3
     burn_in: int = 0
     thin: int = 1
@@ -96,8 +97,6 @@ class SGLD(Method):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("inner_steps", self.inner_steps, 1)
-        if self.step_size is not None:
-            check_positive("step_size", self.step_size)
         check_positive("temperature", self.temperature)
         check_int("burn_in", self.burn_in, 0)
         check_int("thin", self.thin, 1)
@@ -123,7 +122,7 @@ class SGLD(Method):
 
     @property
     def eta(self) -> float:
-        return self.inner_lr if self.step_size is None else self.step_size
+        return self.inner_lr
 
     def _recorded(self) -> int:
         """Used (recorded) steps per chain and outer step."""

@@ -102,19 +102,20 @@ class SOBA(Method):
 class StocBiO(NeumannSeries):
     """stocBiO: warm-started inner steps + a stochastic Neumann series (Ji, Yang, Liang, ICML 2021).
 
-    v = η Σ_{j<J} Π_{i≤j} (I − η Aᵢ) b with J = ``solver_iters`` terms, η = ``solver_lr``
+    v = η Σ_{j≤J} Π_{i≤j} (I − η Aᵢ) b with J = ``solver_iters`` HVPs, η = ``solver_lr``
     (needs η < 2/L) and every Aᵢ on a fresh lower batch; b = ∇_y f shares the upper batch of
     ∇_x f, and the mixed product takes another lower batch. The factors are independent, so
     for quadratics E[v] is the full-batch truncated series. Deterministic problems give
-    exactly ``neumann``; the error then decays like (1 − ηµ)^J. Convention: J counts series
-    terms, so a step costs J − 1 HVPs (the paper's Q HVPs is J = Q + 1); v does not warm-start.
-    Oracles per step: K inner gradients, 1 upper gradient, J − 1 HVPs, 1 mixed.
+    exactly ``neumann``; the error then decays like (1 − ηµ)^(J+1). J counts HVPs, as for
+    every method (the paper's Q); the series has J + 1 terms; v does not warm-start.
+    Oracles per step: K inner gradients, 1 upper gradient, J HVPs, 1 mixed.
     """
 
     solver_iters: int = 10
 
     def solve(self, problem, x, y, b, v0, lin):
-        return neumann(fresh_batch_hvp(problem, x, y, lin), b, self.solver_lr, self.solver_iters)
+        hvp = fresh_batch_hvp(problem, x, y, lin)
+        return neumann(hvp, b, self.solver_lr, self.solver_iters + 1)  # J HVPs: J + 1 terms
 
 
 @register("amigo")
@@ -129,20 +130,29 @@ class AmIGO(Implicit):
     fixed operator), so it is biased under noise and its error shrinks with the batch size.
     ``solver="gd"`` (the paper's stochastic solver): J steps v ← v − η(Aⱼ v − b) with
     η = ``solver_lr`` and a fresh lower batch per step (unbiased for quadratics given the
-    start). ``solver_tol`` only concerns cg and ``solver_lr`` only gd. The mixed product uses
+    start). ``solver_tol`` only concerns cg and ``solver_lr`` only gd: giving either to the
+    other solver is an error (defaults 1e-10 and 0.1). The mixed product uses
     its own lower batch. Oracles per step: K inner gradients, 1 upper gradient, J HVPs (cg: one
     more for the warm start's residual once v exists), 1 mixed.
     """
 
     solver: str = "cg"
     solver_iters: int = 5
-    solver_tol: float = 1e-10
-    solver_lr: float = 0.1
+    solver_tol: float | None = None
+    solver_lr: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        unused = "solver_lr" if self.solver == "cg" else "solver_tol"
+        if getattr(self, unused) is not None:
+            raise ValueError(
+                f"amigo with solver={self.solver!r} has no {unused} (solver_tol is cg's, "
+                "solver_lr gd's): drop it or change solver"
+            )
+        self.solver_lr = 0.1 if self.solver_lr is None else self.solver_lr
+        self.solver_tol = 1e-10 if self.solver_tol is None else self.solver_tol
         check_positive("solver_lr", self.solver_lr)
         tol = self.solver_tol
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bilevel.checks import reject_unknown_options
-from bilevel.methods.base import method_class
+from bilevel.checks import reject_renamed_options, reject_unknown_options
+from bilevel.methods.base import Method, method_class, methods_available
 from bilevel.problem import Problem
 from bilevel.solve import Callback
 from bilevel.tree import Tree
@@ -20,10 +20,12 @@ class Task:
 
     ``callbacks`` compute task metrics at logged steps (``cb(ctx) -> dict``, see
     :class:`~bilevel.solve.StepContext`); ``metadata`` records the protocol (sizes, seeds,
-    reference values) for result files; ``method_defaults`` are the options (``inner_steps``,
-    ``inner_lr``, ...) that suit the task, applied to every method that has them — a key that is
-    a method's name holds options for that method only (``{"bda": {"mu": 0.5}}``), for option
-    names that mean different things in different methods;
+    reference values) for result files; ``method_defaults`` are the options that suit the task:
+    at top level only the options every method shares (:data:`SHARED_OPTIONS`: ``inner_steps``,
+    ``inner_lr``, ``inner_optimizer``, ``warm_start``, ``inner_state``), applied to each method
+    that takes them; any other option under the name of a method that takes it
+    (``{"bda": {"mu": 0.5}}``; :func:`solver_defaults` writes the linear-solve blocks), so
+    no default reaches a method that does not take it or reads it differently;
     ``solve_defaults`` the outer loop's (``steps``, ``outer_optimizer``, ``outer_lr``);
     ``references`` computes reference points shown beside the methods in benchmark tables
     (``{"oracle": {"test_accuracy": 84.1}, ...}``), called once per benchmark.
@@ -39,12 +41,61 @@ class Task:
     solve_defaults: dict[str, Any] = field(default_factory=dict)
     references: Callable[[], dict[str, dict[str, float]]] | None = None
 
+    def __post_init__(self) -> None:
+        check_method_defaults(self.name, self.method_defaults)
+
     def method_options(self, method_name: str, **overrides: Any) -> dict[str, Any]:
-        """This task's recommended options that ``method_name`` accepts, then ``overrides``."""
+        """This task's recommended options for ``method_name``: the shared ones it takes, then
+        its own block, then ``overrides``."""
         known = set(method_class(method_name).option_names())
-        chosen = {k: v for k, v in self.method_defaults.items() if k in known}
+        shared = {k: v for k, v in self.method_defaults.items() if k in SHARED_OPTIONS}
+        chosen = {k: v for k, v in shared.items() if k in known}
         specific = self.method_defaults.get(method_name, {})
         return {**chosen, **specific, **overrides}
+
+
+# options of the Method base class: the only ones a task may give to every method at once
+SHARED_OPTIONS = tuple(Method.option_names())
+
+
+# the methods that take each linear-solve option (LancBiO's step is fallback_lr, AmIGO's
+# solver_lr only applies to solver="gd")
+SOLVER_ITERS_METHODS = ("cg", "neumann", "fixed_point", "stocbio", "amigo")
+SOLVER_LR_METHODS = ("neumann", "fixed_point", "stocbio", "subbio", "soba")
+
+
+def solver_defaults(
+    solver_iters: int | None = None, solver_lr: float | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per-method blocks for ``method_defaults``: J = ``solver_iters`` (HVPs) for the methods
+    in :data:`SOLVER_ITERS_METHODS`, the solve's step ``solver_lr`` for those in
+    :data:`SOLVER_LR_METHODS`."""
+    blocks: dict[str, dict[str, Any]] = {}
+    for option, value, names in (("solver_iters", solver_iters, SOLVER_ITERS_METHODS),
+                                 ("solver_lr", solver_lr, SOLVER_LR_METHODS)):  # fmt: skip
+        if value is not None:
+            for name in names:
+                blocks.setdefault(name, {})[option] = value
+    return blocks
+
+
+def check_method_defaults(task: str, defaults: dict[str, Any]) -> None:
+    """Raise ``ValueError`` for a default that some method would take silently or wrongly:
+    a non-shared option at top level, or a method block with an option that method lacks."""
+    registered = set(methods_available())
+    for key, value in defaults.items():
+        if key in registered:
+            if not isinstance(value, dict):
+                raise ValueError(f"task {task!r}: method_defaults[{key!r}] must be a dict")
+            cls = method_class(key)
+            reject_renamed_options(key, value, cls.RENAMED)
+            reject_unknown_options("method", key, value, cls.option_names())
+        elif key not in SHARED_OPTIONS:
+            raise ValueError(
+                f"task {task!r}: method default {key!r} is not an option every method shares "
+                f"({', '.join(SHARED_OPTIONS)}); give it per method, e.g. "
+                f"method_defaults={{'cg': {{{key!r}: ...}}}}"
+            )
 
 
 TaskFactory = Callable[..., Task]

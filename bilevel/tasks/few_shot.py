@@ -41,7 +41,7 @@ from bilevel.data.omniglot import load_omniglot
 from bilevel.modules import functional, params
 from bilevel.problem import Problem
 from bilevel.solve import StepContext
-from bilevel.tasks.base import Task, register_task
+from bilevel.tasks.base import Task, register_task, solver_defaults
 from bilevel.tree import Tree
 
 FORMS = ("feature", "maml")
@@ -50,9 +50,10 @@ EVAL_CHUNK = 20  # episodes per batched forward pass in evaluation
 
 # Inner and outer settings per form (see docs/tasks/few_shot.md for the papers' values).
 # ES methods: one direction shared by the meta-batch, radius 0.1 (Sow, Ji, Liang's settings)
-_ES_DEFAULTS = {name: {"directions": 1, "mu": 0.1} for name in ("esj", "esj_s", "hozog")}
+_ES_DEFAULTS = {name: {"directions": 1, "radius": 0.1} for name in ("esj", "esj_s", "hozog")}
 METHOD_DEFAULTS = {
-    "feature": {"inner_steps": 5, "inner_lr": 0.1, "solver_iters": 5, **_ES_DEFAULTS},
+    "feature": {"inner_steps": 5, "inner_lr": 0.1, **solver_defaults(solver_iters=5),
+                **_ES_DEFAULTS},  # fmt: skip
     "maml": {"inner_steps": 1, "inner_lr": 0.4, **_ES_DEFAULTS},
 }
 SOLVE_DEFAULTS = {"steps": 1000, "outer_optimizer": "adam", "outer_lr": 1e-3}

@@ -33,7 +33,7 @@ from bilevel.diagnostics import diagnostic_callbacks
 from bilevel.modules import functional, params
 from bilevel.problem import Problem
 from bilevel.solve import StepContext
-from bilevel.tasks.base import Task, register_task
+from bilevel.tasks.base import Task, register_task, solver_defaults
 from bilevel.tree import Tree
 
 NUM_CLASSES = 10
@@ -381,13 +381,10 @@ def hyper_cleaning(
             "inner_lr": INNER_LR[dataset],
             "inner_optimizer": "momentum",
             "warm_start": True,
-            "solver_iters": 5,
-            "solver_lr": INNER_LR[dataset],
+            **solver_defaults(solver_iters=5, solver_lr=INNER_LR[dataset]),
             # LancBiO's hyper-cleaning schedule: m from 1, ×1.3 every 50 steps, at most 10
-            "m": 1,
-            "m_growth": 1.3,
-            "m_period": 50,
-            "m_max": 10,
+            "lancbio": {"fallback_lr": INNER_LR[dataset], "m": 1, "m_growth": 1.3,
+                        "m_period": 50, "m_max": 10},  # fmt: skip
         },
         solve_defaults={"steps": 3000, "outer_optimizer": "adam", "outer_lr": 0.3},
     )

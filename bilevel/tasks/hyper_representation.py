@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from bilevel.modules import functional
 from bilevel.problem import Problem
 from bilevel.solve import StepContext
-from bilevel.tasks.base import Task, register_task
+from bilevel.tasks.base import Task, register_task, solver_defaults
 from bilevel.tree import Tree
 
 _DEFAULTS = {
@@ -163,9 +163,10 @@ def hyper_representation(
             "inner_lr": 1e-3,
             "inner_optimizer": "gd",
             "warm_start": False,
-            "solver_lr": 1e-3,
+            **solver_defaults(solver_lr=1e-3),
+            "lancbio": {"fallback_lr": 1e-3},
             **{
-                name: {"directions": 1, "mu": 0.01 if kind == "linear" else 0.1}
+                name: {"directions": 1, "radius": 0.01 if kind == "linear" else 0.1}
                 for name in ("esj", "esj_s", "hozog")
             },
         },

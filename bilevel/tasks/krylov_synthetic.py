@@ -22,7 +22,7 @@ from torch.func import grad, vjp
 from bilevel.diagnostics import diagnostic_callbacks
 from bilevel.problem import Problem
 from bilevel.solve import StepContext
-from bilevel.tasks.base import Task, register_task
+from bilevel.tasks.base import Task, register_task, solver_defaults
 from bilevel.tasks.quadratic import random_spd
 from bilevel.tree import Tree
 
@@ -191,12 +191,9 @@ def krylov_synthetic(
         method_defaults={
             "inner_steps": 5,
             "inner_lr": 1.0 / lipschitz,
-            "solver_lr": 1.0 / lipschitz,
-            "solver_iters": 5,
-            "m": 1,
-            "m_growth": 1.1,
-            "m_period": 20,
-            "m_max": 80,
+            **solver_defaults(solver_iters=5, solver_lr=1.0 / lipschitz),
+            "lancbio": {"fallback_lr": 1.0 / lipschitz, "m": 1, "m_growth": 1.1,
+                        "m_period": 20, "m_max": 80},  # fmt: skip
         },
         solve_defaults={"steps": 500, "outer_optimizer": "sgd", "outer_lr": 1.0},
     )

@@ -24,7 +24,7 @@ from torch import Tensor
 from bilevel.data.tabular import load_sklearn, standardize
 from bilevel.problem import Problem
 from bilevel.solve import StepContext
-from bilevel.tasks.base import Task, register_task
+from bilevel.tasks.base import Task, register_task, solver_defaults
 from bilevel.tree import Tree
 
 SPLITS = ("train", "val", "test")
@@ -137,8 +137,8 @@ def l2_regularization(
         method_defaults={
             "inner_steps": 50,
             "inner_lr": 1.0 / lipschitz,
-            "solver_lr": 1.0 / lipschitz,
-            "solver_iters": 20,
+            **solver_defaults(solver_iters=20, solver_lr=1.0 / lipschitz),
+            "lancbio": {"fallback_lr": 1.0 / lipschitz},
         },
         solve_defaults={"steps": 100, "outer_optimizer": "adam", "outer_lr": 0.1},
     )

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from bilevel.problem import Problem
 from bilevel.solve import StepContext
-from bilevel.tasks.base import Task, register_task
+from bilevel.tasks.base import Task, register_task, solver_defaults
 from bilevel.tree import Tree
 
 
@@ -78,13 +78,14 @@ def lls_toy(
             "lls_distance": 0.5,
             "lls_upper_value": dim / 4,
         },
-        # s_l = inner_lr = 0.5, K = 16; every outer step restarts the inner loop at y₀ = 0
+        # BDA's s_l = inner_lr = 0.5, K = 16; every outer step restarts the inner loop at y₀ = 0
         method_defaults={
             "inner_lr": 0.5,
             "inner_steps": 16,
             "warm_start": False,
-            "solver_lr": 0.5,
-            "bda": {"s_l": 0.5, "s_u": 0.5, "mu": 0.5},
+            **solver_defaults(solver_lr=0.5),
+            "lancbio": {"fallback_lr": 0.5},
+            "bda": {"s_u": 0.5, "mu": 0.5},
         },
         solve_defaults={"steps": 2000, "outer_optimizer": "sgd", "outer_lr": 0.5},
     )

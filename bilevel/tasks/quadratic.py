@@ -20,7 +20,7 @@ from torch import Tensor
 
 from bilevel.problem import Problem
 from bilevel.solve import StepContext
-from bilevel.tasks.base import Task, register_task
+from bilevel.tasks.base import Task, register_task, solver_defaults
 from bilevel.tree import Tree
 
 
@@ -153,6 +153,11 @@ def quadratic(
             "seed": seed,
             "data": data,
         },
-        method_defaults={"inner_lr": 1.0, "inner_steps": 20, "solver_lr": 1.0},
+        method_defaults={
+            "inner_lr": 1.0,
+            "inner_steps": 20,
+            **solver_defaults(solver_lr=1.0),
+            "lancbio": {"fallback_lr": 1.0},
+        },
         solve_defaults={"steps": 100, "outer_optimizer": "adam", "outer_lr": 0.05},
     )
