@@ -43,12 +43,14 @@ OPTIONS = {
 WARM_COUNTS = {
     "itd": {"lower_grad": K, "upper_grad": 1, "hvp": K, "mixed": K},
     "forward": {"lower_grad": K, "jvp": K * DIM_X, "upper_grad": 1},
-    "cg": {"lower_grad": K, "upper_grad": 1, "linearize": 1, "hvp": J + 1, "mixed": 1},  # +1: warm start
+    # +1 HVP: the warm start's residual
+    "cg": {"lower_grad": K, "upper_grad": 1, "linearize": 1, "hvp": J + 1, "mixed": 1},
     "amigo": {"lower_grad": K, "upper_grad": 1, "linearize": 1, "hvp": J + 1, "mixed": 1},
     "neumann": {"lower_grad": K, "upper_grad": 1, "linearize": 1, "hvp": J, "mixed": 1},
     "fixed_point": {"lower_grad": K, "upper_grad": 1, "linearize": 1, "hvp": J, "mixed": 1},
     "stocbio": {"lower_grad": K, "upper_grad": 1, "linearize": 1, "hvp": J, "mixed": 1},
-    "lancbio": {"lower_grad": K, "upper_grad": 1, "linearize": 1, "hvp": 1, "mixed": 1},  # no restart yet
+    # no restart yet
+    "lancbio": {"lower_grad": K, "upper_grad": 1, "linearize": 1, "hvp": 1, "mixed": 1},
     "subbio": {"lower_grad": K, "upper_grad": 1, "linearize": 1, "hvp": 3, "mixed": 1},
     "soba": {"lower_grad": K, "upper_grad": 1, "linearize": 1, "hvp": 1, "mixed": 1},
     "esj": {"lower_grad": (Q + 1) * K, "upper_grad": 1},
