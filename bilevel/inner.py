@@ -136,9 +136,13 @@ def run_inner_with_state(
     ``optimizer.init(y)``); returns the last iterate and the optimizer's state."""
     if state is None:
         state = optimizer.init(y)
-    for _ in range(steps):
-        g = problem.grad_lower_y(x, y, problem.lower_batch(), mode=mode)
-        y, state = optimizer.update(y, g, state)
+    # a NaN or Inf in any inner gradient reaches the iterate: watching the last one suffices
+    with problem.unwatched():
+        for _ in range(steps):
+            g = problem.grad_lower_y(x, y, problem.lower_batch(), mode=mode)
+            y, state = optimizer.update(y, g, state)
+    if steps:
+        problem.watch("lower_grad", y)
     return y, state
 
 
