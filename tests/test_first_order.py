@@ -283,3 +283,20 @@ def test_unknown_option_lists_the_options():
         bl.method("f2sa", **{"lambda": 3.0})
     assert isinstance(bl.method("bome"), bl.methods.BOME)
     assert isinstance(bl.method("f2sa"), bl.methods.F2SA)
+
+
+@pytest.mark.parametrize("name", ["f2sa", "bome"])
+def test_checkpoint_resume_is_bit_exact(tmp_path, name):
+    """The step counter (F2SA's λ schedule) and the second sequence / joint y are checkpointed."""
+    method = bl.method(name, inner_steps=4, inner_lr=0.5)
+    task = quadratic(seed=0)
+    full = bl.solve(task.problem, task.x0, task.y0, method, steps=8, outer_lr=0.05)
+    path = tmp_path / "run.pt"
+    common = {"outer_lr": 0.05, "checkpoint": path, "checkpoint_every": 4}
+    bl.solve(task.problem, task.x0, task.y0, method, steps=4, **common)
+    resumed = bl.solve(task.problem, task.x0, task.y0, method, steps=8, **common)
+    assert torch.equal(resumed.x["x"], full.x["x"])
+    assert torch.equal(resumed.y["y"], full.y["y"])
+    if name == "f2sa":
+        assert resumed.state.t == 8
+        assert torch.equal(resumed.state.y_penalty["y"], full.state.y_penalty["y"])

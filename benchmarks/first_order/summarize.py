@@ -1,0 +1,133 @@
+"""Merge the per-method bench folders of one setting into one table and one set of plots.
+
+    python benchmarks/first_order/summarize.py benchmarks/first_order/cleaning_full
+
+SETTING/LABEL/METHOD-sSEED/metrics.jsonl (written by run_all.sh) -> SETTING/table.md and
+SETTING/METRIC.png: each metric against outer steps, gradient-oracle calls, all oracle calls
+and CPU seconds (evaluation excluded), one colour per label, one line per seed. Oracle calls
+are split into first-order gradients (∇_y g, ∇_x g, (∇_x f, ∇_y f)), second-order products
+(HVPs, mixed products, JVPs) and evaluations, each counted as one call.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from bilevel.bench import collect, metric_names  # noqa: E402
+
+GRADIENTS = ("lower_grad", "upper_grad", "lower_grad_x")
+SECOND_ORDER = ("hvp", "mixed", "jvp", "upper_hvp", "upper_mixed")
+EVALUATIONS = ("lower_eval", "upper_eval")
+LOG_SCALE = ("loss", "error", "distance")
+
+
+def calls(row: dict, kinds: tuple[str, ...]) -> int:
+    return int(sum(row["oracles"].get(k, 0) for k in kinds))
+
+
+def load(setting: Path) -> dict[str, list[list[dict]]]:
+    """{label: [rows of each seed]} over the label folders of a setting."""
+    runs = {}
+    for folder in sorted(p for p in setting.iterdir() if p.is_dir()):
+        for histories in collect(folder).values():
+            runs[folder.name] = histories
+    if not runs:
+        raise SystemExit(f"no runs under {setting}")
+    return runs
+
+
+def median_iqr(values: list[float]) -> str:
+    if not values:
+        return "–"
+    q = torch.quantile(torch.tensor(values, dtype=torch.float64),
+                       torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))  # fmt: skip
+    return f"{q[1]:.4g} [{q[0]:.4g}, {q[2]:.4g}]"
+
+
+def table(runs: dict[str, list[list[dict]]], at_step: int | None) -> str:
+    """Median [IQR] over seeds at the last logged row (or the last row at or before
+    ``at_step``)."""
+    metrics = metric_names(runs)
+    columns = ["steps", "seconds", *metrics, "gradient calls", "2nd-order calls", "evaluations"]
+    lines = ["| method | seeds | " + " | ".join(columns) + " |",
+             "|---|---|" + "---|" * len(columns)]  # fmt: skip
+    for label, histories in runs.items():
+        finals = []
+        for rows in histories:
+            kept = [r for r in rows if at_step is None or r["step"] <= at_step]
+            if kept:
+                finals.append(kept[-1])
+        cells = []
+        for column in columns:
+            values = []
+            for row in finals:
+                if column == "steps":
+                    values.append(float(row["step"]))
+                elif column == "gradient calls":
+                    values.append(float(calls(row, GRADIENTS)))
+                elif column == "2nd-order calls":
+                    values.append(float(calls(row, SECOND_ORDER)))
+                elif column == "evaluations":
+                    values.append(float(calls(row, EVALUATIONS)))
+                elif isinstance(row.get(column), (int, float)):
+                    values.append(float(row[column]))
+            cells.append(median_iqr(values))
+        lines.append(f"| {label} | {len(histories)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: dict[str, list[list[dict]]], setting: Path) -> list[Path]:
+    axes_of = (("outer steps", lambda r: r["step"]),
+               ("gradient-oracle calls (first order)", lambda r: calls(r, GRADIENTS)),
+               ("all oracle calls (an HVP counts one)", lambda r: sum(r["oracles"].values())),
+               ("CPU seconds (evaluation excluded)", lambda r: r["seconds"]))  # fmt: skip
+    paths = []
+    for metric in metric_names(runs):
+        fig, axes = plt.subplots(1, 4, figsize=(20, 4), constrained_layout=True)
+        for index, (label, histories) in enumerate(runs.items()):
+            for seed, rows in enumerate(histories):
+                rows = [r for r in rows if isinstance(r.get(metric), (int, float))]
+                for ax, (_, x_of) in zip(axes, axes_of, strict=True):
+                    ax.plot([x_of(r) for r in rows], [r[metric] for r in rows], ".-", alpha=0.8,
+                            color=f"C{index % 10}", label=label if seed == 0 else None)  # fmt: skip
+        for ax, (name, _) in zip(axes, axes_of, strict=True):
+            ax.set_xlabel(name)
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3)
+            if any(word in metric for word in LOG_SCALE):
+                ax.set_yscale("log")
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{setting.name}: {metric} (one line per seed)")
+        path = setting / f"{metric}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(setting: Path) -> None:
+    runs = load(setting)
+    common = min(rows[-1]["step"] for histories in runs.values() for rows in histories)
+    text = (
+        f"# {setting.name}\n\nAt the end of each run (the budget); median [interquartile "
+        f"range] over seeds.\n\n{table(runs, None)}\nAt outer step {common} (the fewest "
+        f"steps any run reached; last logged row at or before it).\n\n"
+        f"{table(runs, common)}"
+    )
+    (setting / "table.md").write_text(text)
+    print(text)
+    for path in plot(runs, setting):
+        print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: summarize.py SETTING_FOLDER")
+    main(Path(sys.argv[1]))
