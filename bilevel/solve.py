@@ -9,7 +9,10 @@ whatever the callbacks return) and can checkpoint and resume.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import pickle
+import re
 import resource
 import time
 from collections import Counter
@@ -26,7 +29,7 @@ from bilevel import tree as tr
 from bilevel.checks import check_int, check_positive
 from bilevel.methods.base import Method, MethodState
 from bilevel.methods.base import method as make_method
-from bilevel.problem import Problem, validate
+from bilevel.problem import NonFiniteError, Problem, validate
 from bilevel.tree import Tree
 
 
@@ -163,7 +166,7 @@ def solve(
     # the logged upper loss uses the first upper batch (fixed, so rows compare), else the
     # step's task batch
     fixed_batch = None if problem.upper_data is None else next(iter(problem.upper_data))
-    bar = tqdm(total=steps, initial=start, disable=not progress, desc=method.name)
+    bar = _progress_bar(progress, method.name, steps, start, time_budget, elapsed)
     for step in range(start, steps):
         if time_budget is not None and elapsed >= time_budget:
             break
@@ -182,7 +185,13 @@ def solve(
         optimizer.step()
         if project is not None:
             with torch.no_grad():
-                project(params)
+                returned = project(params)
+            if returned is not None:
+                raise TypeError(
+                    "project must modify x in place and return None; it returned a "
+                    f"{type(returned).__name__} (a new x is ignored, so the projection would "
+                    "silently not apply)"
+                )
         _synchronize(params)
         elapsed += time.perf_counter() - tick
         out_of_time = time_budget is not None and elapsed >= time_budget
@@ -199,7 +208,8 @@ def solve(
                 "peak_memory_mb": peak_memory_mb(params),
             }
             for callback in callbacks:
-                row.update(callback(StepContext(done, params, state, hg, hg_x)) or {})
+                row.update(_metrics(callback, StepContext(done, params, state, hg, hg_x)))
+            _raise_if_nonfinite_row(row, params)
             history.append(row)
             if on_log is not None:
                 on_log(row)
@@ -208,9 +218,45 @@ def solve(
             if distributed.is_main():
                 _save(path, done, problem, params, optimizer, state, history, base_counts)
             distributed.barrier()  # no rank runs ahead of a checkpoint it may resume from
-        bar.update(1)
+        bar.update(min(elapsed, time_budget) - bar.n if time_budget is not None else 1)
     bar.close()
     return Result(x=tr.detach(params), y=tr.detach(state.y), history=history, state=state)
+
+
+def _progress_bar(
+    progress: bool, name: str, steps: int, start: int, budget: float | None, elapsed: float
+) -> tqdm:
+    """Steps done of ``steps``, or with a time budget, seconds used of the budget."""
+    if budget is None:
+        return tqdm(total=steps, initial=start, disable=not progress, desc=name)
+    return tqdm(total=budget, initial=min(elapsed, budget), disable=not progress, desc=name,
+                unit="s", bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s{postfix}")  # fmt: skip
+
+
+def _metrics(callback: Callback, ctx: StepContext) -> dict[str, Any]:
+    """The callback's metrics; anything but a dict or None breaks the callback contract."""
+    out = callback(ctx)
+    if out is None:
+        return {}
+    if not isinstance(out, dict):
+        name = getattr(callback, "__name__", type(callback).__name__)
+        raise TypeError(
+            f"callback {name} must return a dict of metrics or None, got {type(out).__name__}"
+        )
+    return out
+
+
+def _raise_if_nonfinite_row(row: dict[str, Any], params: Tree) -> None:
+    """A logged step with a NaN/Inf loss, metric or x is an error at that step, never a row."""
+    bad = [f"{k}={v}" for k, v in row.items()
+           if isinstance(v, float) and not math.isfinite(v)]  # fmt: skip
+    if not bool(tr.all_finite(params)):
+        bad.append("x")
+    if bad:
+        raise NonFiniteError(
+            f"non-finite {', '.join(bad)} at outer step {row['step']}; the run diverges "
+            "(lower inner_lr or outer_lr) or the losses overflow"
+        )
 
 
 def peak_memory_mb(params: Tree) -> float:
@@ -244,6 +290,7 @@ def _save(
     base_counts: Counter,
 ) -> None:
     payload = {
+        "state_class": type(state).__name__,
         "step": step,
         "x": params,
         "optimizer": optimizer.state_dict(),
@@ -259,13 +306,52 @@ def _save(
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: unreadable, refused or from another run."""
+
+
+CHECKPOINT_KEYS = ("step", "x", "optimizer", "state", "history", "counts", "batches_drawn", "rng")
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`solve`, with tensors and plain data only
+    (``weights_only=True``: a file holding code is refused, never run). Raises
+    :class:`CheckpointError` with one line saying what is wrong."""
+    try:
+        payload = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", str(err))
+        what = f" ({next(g for g in found.groups() if g)})" if found else ""
+        raise CheckpointError(
+            f"checkpoint {path} refused: it holds Python objects other than tensors and plain "
+            f"data{what}; only checkpoints bilevel writes are loaded, and none runs code"
+        ) from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:
+        detail = str(err).split(". ")[0].strip() or type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({detail}); restore it, or delete it "
+            "to start again from step 0"
+        ) from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a bilevel checkpoint (it lacks {', '.join(missing)})"
+        )
+    return payload
+
+
 def _load(
     path: Path, problem: Problem, params: Tree, optimizer: torch.optim.Optimizer, state: MethodState
 ) -> tuple[int, MethodState, list[dict[str, Any]]]:
-    try:
-        payload = torch.load(path, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    payload = load_checkpoint(path)
+    written_by = payload.get("state_class", type(state).__name__)
+    unknown = set(payload["state"]) - {f.name for f in dataclasses.fields(state)}
+    if written_by != type(state).__name__ or unknown:
+        raise CheckpointError(
+            f"checkpoint {path} was written by another kind of method (its state is "
+            f"{written_by}, this method's is {type(state).__name__}); resume with the method "
+            "that wrote it"
+        )
     if payload["x"].keys() != params.keys():
         raise ValueError(
             f"checkpoint {path} holds x with keys {sorted(payload['x'])}, "

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from bilevel import tree as tr
-from bilevel.checks import check_int, reject_unknown_options
+from bilevel.checks import check_fields, check_int, reject_unknown_options
 from bilevel.inner import InnerOptimizer, make_inner_optimizer
 from bilevel.problem import Problem
 from bilevel.tree import Tree
@@ -44,6 +44,7 @@ class Method:
     warm_start: bool = True
 
     def __post_init__(self) -> None:
+        check_fields(self)  # every option's type, from its annotation
         check_int("inner_steps", self.inner_steps, 0)
         self.optimizer = make_inner_optimizer(self.inner_optimizer, self.inner_lr)
 

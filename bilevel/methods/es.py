@@ -194,6 +194,9 @@ class Perturbed(Method):
             y, y_state = opt.update(y, problem.grad_lower_y(x, y, batch), y_state)
             if paths:
                 ys, ys_state = self._advance(problem, xs, ys, ys_state, batch, state)
+                # a perturbed path that diverges is an error at this step, not a huge estimate
+                for yq in ys if isinstance(ys, list) else [ys]:
+                    problem.watch("lower_grad", yq)
         problem.count("lower_grad", paths * self.inner_steps)
         ys = self._stacked(ys)
         problem.watch("lower_grad", ys)

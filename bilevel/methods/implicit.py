@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bilevel import tree as tr
-from bilevel.checks import check_int, check_positive
+from bilevel.checks import check_int, check_nonnegative, check_positive
 from bilevel.inner import run_inner
 from bilevel.linalg import SolveInfo, conjugate_gradient, fixed_point, neumann
 from bilevel.methods.base import Method, MethodState, register
@@ -40,7 +40,7 @@ class Implicit(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("solver_iters", self.solver_iters, 0)
+        check_int("solver_iters", self.solver_iters, 1)  # 0 would leave v unsolved: hg = ∇_x f
 
     def init(self, problem: Problem, x: Tree, y: Tree | None) -> ImplicitState:
         base = super().init(problem, x, y)
@@ -78,6 +78,10 @@ class ConjugateGradient(Implicit):
     """
 
     solver_tol: float = 1e-10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_nonnegative("solver_tol", self.solver_tol)
 
     def solve(self, problem, x, y, b, v0, batch):
         return conjugate_gradient(
