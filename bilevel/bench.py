@@ -169,6 +169,7 @@ def run(config: RunConfig, out: str | Path, resume: bool = False, progress: bool
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     prepared = prepare(config)
+    _shard(prepared.task.problem, config.shard)
     if not distributed.is_main():  # under torchrun, rank 0 alone writes files
         return _solve(config, prepared, out, None, progress=False)
     check_output_folder(out, resume)
@@ -187,6 +188,15 @@ def run(config: RunConfig, out: str | Path, resume: bool = False, progress: bool
             for row in rows:  # rows after the checkpoint are recomputed, not kept twice
                 _write_row(stream, row)
             return _solve(config, prepared, out, stream, progress)
+
+
+def _shard(problem, how: str) -> None:
+    """Under torchrun: split meta-batches (``auto``, when the task has them) or every batch
+    (``data``) over the ranks; a no-op in a single process."""
+    if how == "data":
+        distributed.shard_data(problem)
+    elif how == "auto" and problem.task_data is not None:
+        distributed.shard_tasks(problem)
 
 
 def _solve(

@@ -323,14 +323,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         found = re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", str(err))
         what = f" ({next(g for g in found.groups() if g)})" if found else ""
         raise CheckpointError(
-            f"checkpoint {path} refused: it holds Python objects other than tensors and plain "
-            f"data{what}; only checkpoints bilevel writes are loaded, and none runs code"
+            f"cannot read checkpoint {path}: refused, it holds Python objects other than "
+            f"tensors and plain data{what}; only checkpoints bilevel writes are loaded, and "
+            "loading never runs code"
         ) from None
     except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:
         detail = str(err).split(". ")[0].strip() or type(err).__name__
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({detail}); restore it, or delete it "
-            "to start again from step 0"
+            f"cannot read checkpoint {path}: it is truncated or corrupt ({detail}); restore "
+            "it, or delete it to start again from step 0"
         ) from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(payload, dict) or k not in payload]
     if missing:
