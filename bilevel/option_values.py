@@ -69,7 +69,7 @@ def parse(text: str, annotation: Any, name: str) -> Any:
             return _parse_one(text, member, name)
         except (ValueError, TypeError):
             continue
-    expected = " or ".join(_words(m) for m in sorted(members, key=_precedence))
+    expected = " or ".join(_words(m) for m in members)
     raise OptionValueError(f"{name}: expected {expected}, got {text!r}")
 
 

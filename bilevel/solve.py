@@ -179,6 +179,8 @@ def solve(
         problem.next_task()
         hg, state = method.step(problem, params, state)
         hg = distributed.combine_task_shards(problem, hg)
+        # an estimate whose square overflows is a divergence, not a gradient (Adam squares it)
+        problem.watch("hypergradient (squared)", {k: v * v for k, v in hg.items()})
         problem.raise_if_nonfinite(step)
         for k, p in params.items():
             p.grad = hg[k].to(p.dtype)
@@ -254,7 +256,8 @@ def _raise_if_nonfinite_row(row: dict[str, Any], params: Tree) -> None:
         bad.append("x")
     if bad:
         raise NonFiniteError(
-            f"non-finite {', '.join(bad)} at outer step {row['step']}; the run diverges "
+            f"non-finite {', '.join(bad)} at outer step {row['step'] - 1} (logged as step "
+            f"{row['step']}); the run diverges "
             "(lower inner_lr or outer_lr) or the losses overflow"
         )
 
