@@ -121,7 +121,9 @@ def prepare(config: RunConfig, task: Task | None = None) -> Prepared:
     if task is None:
         task = tasks.make(config.task, seed=config.seed, **options)
     cls = method_class(config.method)
-    method_options = coerce_options(config.method_options, field_types(cls), "method option")
+    method_options = coerce_options(
+        options_for(config.method, config.method_options), field_types(cls), "method option"
+    )
     method = bl.method(config.method, **task.method_options(config.method, **method_options))
     solve_options = {
         **{"steps": 100, "outer_optimizer": "adam", "outer_lr": 1e-3},
@@ -135,6 +137,19 @@ def prepare(config: RunConfig, task: Task | None = None) -> Prepared:
     factory = tasks.task_factory(config.task)
     defaults = {name: p.default for name, p in _parameters(factory).items() if name != "seed"}
     return Prepared(task, method, solve_options, {**defaults, **options})
+
+
+def options_for(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``method``'s options from a mapping that may hold some for one method only
+    (``{"inner_steps": 5, "stocbio": {"solver_iters": 10}}``, as ``-o stocbio.solver_iters=10``
+    gives); options scoped to another method are refused."""
+    scoped = {k: v for k, v in options.items() if isinstance(v, dict)}
+    others = sorted(set(scoped) - {method})
+    if others:
+        raise ValueError(
+            f"method options for {', '.join(others)} given to a run of {method}"
+        )
+    return {**{k: v for k, v in options.items() if k not in scoped}, **scoped.get(method, {})}
 
 
 def task_options(config: RunConfig) -> dict[str, Any]:
@@ -389,7 +404,15 @@ def bench(
     check_int("seed", seed, 0)
     if not methods or len(set(methods)) != len(methods):
         raise ValueError(f"bench needs distinct method names, got {methods!r}")
-    configs = [RunConfig(task=task, method=m, seed=seed + s, budget=budget, **run_settings)
+    settings = dict(run_settings)
+    options = settings.pop("method_options", None) or {}
+    unknown = sorted(k for k, v in options.items() if isinstance(v, dict) and k not in methods)
+    if unknown:
+        raise ValueError(f"method options for {', '.join(unknown)}, which is not benchmarked")
+    scoped = {m: {k: v for k, v in options.items() if not isinstance(v, dict) or k == m}
+              for m in methods}  # fmt: skip
+    configs = [RunConfig(task=task, method=m, seed=seed + s, budget=budget,
+                         method_options=options_for(m, scoped[m]), **settings)
                for m in methods for s in range(seeds)]  # fmt: skip
     reference_task = tasks.make(task, seed=seed, **task_options(configs[0]))
     for config in configs[::seeds]:  # every method's options checked before any run starts

@@ -289,8 +289,14 @@ def _typed(settings: dict[str, Any], methods: list[str]) -> None:
     types = {}
     for name in reversed(methods):
         types.update(field_types(method_class(name)))
-    settings["method_options"] = coerce_options(settings["method_options"], types,
-                                                "method option")  # fmt: skip
+    options = settings["method_options"]
+    scoped = {k: v for k, v in options.items() if isinstance(v, dict)}
+    settings["method_options"] = {
+        **coerce_options({k: v for k, v in options.items() if k not in scoped}, types,
+                         "method option"),
+        **{m: coerce_options(v, field_types(method_class(m)), f"method option {m}.")
+           for m, v in scoped.items()},
+    }  # fmt: skip
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -310,7 +316,14 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.seed is not None:
         settings["seed"] = args.seed
     settings["task_options"] = {**settings.get("task_options", {}), **_pairs(args.task_option)}
-    settings["method_options"] = {**settings.get("method_options", {}), **_pairs(args.option)}
+    options = dict(settings.get("method_options") or {})
+    for key, value in _pairs(args.option).items():  # METHOD.KEY=VALUE: for that method only
+        method, dot, name = key.partition(".")
+        if dot:
+            options[method] = {**(options.get(method) or {}), name: value}
+        else:
+            options[key] = value
+    settings["method_options"] = options
     return settings
 
 
@@ -401,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--box", metavar="LO,HI",
                        help="project x onto [LO, HI] after each outer step")  # fmt: skip
         p.add_argument("--option", "-o", action="append", metavar="KEY=VALUE",
-                       help="method option, e.g. -o inner_steps=10 (repeatable)")  # fmt: skip
+                       help="method option, e.g. -o inner_steps=10, or -o METHOD.KEY=VALUE "
+                            "for one method only (repeatable)")  # fmt: skip
         p.add_argument("--task-option", "-t", action="append", metavar="KEY=VALUE",
                        help="task option, e.g. -t corruption=0.8 (repeatable)")  # fmt: skip
         p.add_argument("--quiet", action="store_true", help="no progress bar or summary")

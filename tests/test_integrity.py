@@ -473,6 +473,22 @@ def test_bench_honours_seed_and_a_task_given_in_the_config_file(tmp_path):
     assert yaml.safe_load((out / "bench.yaml").read_text())["seed"] == 7
 
 
+def test_bench_options_for_one_method(tmp_path, capsys):
+    out = tmp_path / "B"
+    code, err = cli(capsys, "bench", "quadratic", "--methods", "cg,stocbio", "--seeds", "1",
+                    "--steps", "2", "-o", "stocbio.solver_iters=7", "-o", "inner_steps=5",
+                    "--out", out, "--quiet")  # fmt: skip
+    assert code == 0, err
+    options = {m: yaml.safe_load((out / f"{m}-s0" / "config.yaml").read_text())["resolved"][
+        "method_options"] for m in ("cg", "stocbio")}  # fmt: skip
+    assert options["stocbio"]["solver_iters"] == 7 and options["cg"]["solver_iters"] == 20
+    assert options["stocbio"]["inner_steps"] == options["cg"]["inner_steps"] == 5
+    code, err = cli(capsys, "bench", "quadratic", "--methods", "cg", "-o", "itd.truncate=2",
+                    "--out", tmp_path / "C")  # fmt: skip
+    assert code == 2
+    one_line(err, "method options for itd, which is not benchmarked")
+
+
 def test_bench_refuses_what_it_would_ignore(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("task: quadratic\nmethod: cg\n")
     code, err = cli(capsys, "bench", "--config", tmp_path / "c.yaml", "--out", tmp_path / "B")

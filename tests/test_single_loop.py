@@ -344,7 +344,7 @@ def test_float32(key):
         ("amigo", {"solver": "lbfgs"}, "solver must be one of cg, gd"),
         ("amigo", {"solver_tol": -1e-3}, "solver_tol must be a number >= 0"),
         ("amigo", {"solver_iters": -1}, "solver_iters must be an integer >= 0"),
-        ("amigo", {"solver": "gd", "solver_lr": "big"}, "solver_lr must be a positive number"),
+        ("amigo", {"solver": "gd", "solver_lr": "big"}, "solver_lr must be a number"),
     ],
 )
 def test_bad_options_raise_clear_errors(name, options, message):

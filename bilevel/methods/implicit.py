@@ -40,7 +40,7 @@ class Implicit(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("solver_iters", self.solver_iters, 1)  # 0 would leave v unsolved: hg = ∇_x f
+        check_int("solver_iters", self.solver_iters, 0)
 
     def init(self, problem: Problem, x: Tree, y: Tree | None) -> ImplicitState:
         base = super().init(problem, x, y)
@@ -81,6 +81,7 @@ class ConjugateGradient(Implicit):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_int("solver_iters", self.solver_iters, 1)  # 0 would leave v unsolved: hg = ∇_x f
         check_nonnegative("solver_tol", self.solver_tol)
 
     def solve(self, problem, x, y, b, v0, batch):
