@@ -369,6 +369,14 @@ def test_bad_checkpoint_is_one_line_and_leaves_the_folder_as_it_was(finished, ca
     assert snapshot(finished) == before and not (finished / "pwned").exists()
 
 
+def test_checkpoint_of_another_kind_of_method_is_refused_by_solve(tmp_path):
+    task = quadratic(dim_x=2, dim_y=3, seed=0)
+    path = tmp_path / "c.pt"
+    bl.solve(task.problem, task.x0, task.y0, "cg", steps=2, checkpoint=path)
+    with pytest.raises(ValueError, match="written by another kind of method .*ImplicitState"):
+        bl.solve(task.problem, task.x0, task.y0, "esj", steps=4, checkpoint=path)
+
+
 def test_debug_shows_the_traceback(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         main(["--debug", "run", "quadratic", "--method", "nope", "--out", str(tmp_path / "r")])
