@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from bilevel import tree as tr
+from bilevel.checks import check_reiterable
 from bilevel.oracles import ORACLES, Loss, NonFiniteError, Oracles, Representation
 from bilevel.streams import BatchStreams
 from bilevel.tree import Tree
@@ -101,6 +102,7 @@ def validate(problem: Problem, x: object, y: object) -> tuple[Tree, Tree]:
     depends on no inner variable, and an ``init_lower`` whose output does not match ``y``.
     A lower loss independent of *part* of y is legal (zero gradient there).
     """
+    check_reiterable(problem)
     x = tr.check_tree(x, "x")
     if problem.init_lower is not None:
         y0 = tr.check_tree(problem.init_lower(x), "init_lower(x)")

@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import os
+import pickle
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -26,7 +29,7 @@ from bilevel import tree as tr
 from bilevel.checks import check_int, check_positive
 from bilevel.methods.base import Method, MethodState
 from bilevel.methods.base import method as make_method
-from bilevel.problem import Problem, validate
+from bilevel.problem import NonFiniteError, Problem, validate
 from bilevel.tree import Tree
 
 
@@ -85,6 +88,8 @@ def outer_step(
     problem.next_task()
     hg, state = method.step(problem, x, state)
     hg = distributed.combine_task_shards(problem, hg)
+    # an estimate whose square overflows is a divergence, not a gradient (Adam squares it)
+    problem.watch("hypergradient (squared)", {k: v * v for k, v in hg.items()})
     problem.raise_if_nonfinite(step)
     return hg, state
 
@@ -268,7 +273,7 @@ def solve(
     # the logged upper loss uses the first upper batch (fixed, so rows compare), else the
     # step's task batch
     fixed_batch = None if problem.upper_data is None else next(iter(problem.upper_data))
-    bar = _progress_bar(progress, steps, start, method.name)
+    bar = _progress_bar(progress, method.name, steps, start, time_budget, elapsed)
     for step in range(start, steps):
         if time_budget is not None and elapsed >= time_budget:
             break
@@ -286,7 +291,13 @@ def solve(
             lr_scheduler.step()
         if project is not None:
             with torch.no_grad():
-                project(point)
+                returned = project(point)
+            if returned is not None:
+                raise TypeError(
+                    "project must modify x in place and return None; it returned a "
+                    f"{type(returned).__name__} (a new x is ignored, so the projection would "
+                    "silently not apply)"
+                )
         _synchronize(point)
         elapsed += time.perf_counter() - tick
         out_of_time = time_budget is not None and elapsed >= time_budget
@@ -304,7 +315,8 @@ def solve(
             }
             context = StepContext(done, point, state, hg, hg_x, optimizer)
             for callback in callbacks:
-                row.update(callback(context) or {})
+                row.update(_metrics(callback, context))
+            _raise_if_nonfinite_row(row, point)
             history.append(row)
             if on_log is not None:
                 on_log(row)
@@ -316,14 +328,17 @@ def solve(
                       base_counts)  # fmt: skip
             distributed.barrier()  # no rank runs ahead of a checkpoint it may resume from
         if bar is not None:
-            bar.update(1)
+            bar.update(min(elapsed, time_budget) - bar.n if time_budget is not None else 1)
     if bar is not None:
         bar.close()
     return Result(x=tr.clone(point), y=tr.detach(state.y), history=history, state=state)
 
 
-def _progress_bar(progress: bool, steps: int, start: int, name: str) -> Any:
-    """A tqdm bar when asked for (tqdm is imported only then: it is a ``bench`` extra)."""
+def _progress_bar(
+    progress: bool, name: str, steps: int, start: int, budget: float | None, elapsed: float
+) -> Any:
+    """Steps done of ``steps``, or with a time budget, seconds used of the budget; ``None``
+    without ``progress`` (tqdm is imported only then: it is a ``bench`` extra)."""
     if not progress:
         return None
     try:
@@ -332,7 +347,37 @@ def _progress_bar(progress: bool, steps: int, start: int, name: str) -> Any:
         raise ImportError(
             "progress=True needs tqdm: pip install tqdm (or the bench extra)"
         ) from err
-    return tqdm(total=steps, initial=start, desc=name)
+    if budget is None:
+        return tqdm(total=steps, initial=start, desc=name)
+    return tqdm(total=budget, initial=min(elapsed, budget), desc=name, unit="s",
+                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s{postfix}")  # fmt: skip
+
+
+def _metrics(callback: Callback, ctx: StepContext) -> dict[str, Any]:
+    """The callback's metrics; anything but a dict or None breaks the callback contract."""
+    out = callback(ctx)
+    if out is None:
+        return {}
+    if not isinstance(out, dict):
+        name = getattr(callback, "__name__", type(callback).__name__)
+        raise TypeError(
+            f"callback {name} must return a dict of metrics or None, got {type(out).__name__}"
+        )
+    return out
+
+
+def _raise_if_nonfinite_row(row: dict[str, Any], params: Tree) -> None:
+    """A logged step with a NaN/Inf loss, metric or x is an error at that step, never a row."""
+    bad = [f"{k}={v}" for k, v in row.items()
+           if isinstance(v, float) and not math.isfinite(v)]  # fmt: skip
+    if not bool(tr.all_finite(params)):
+        bad.append("x")
+    if bad:
+        raise NonFiniteError(
+            f"non-finite {', '.join(bad)} at outer step {row['step'] - 1} (logged as step "
+            f"{row['step']}); the run diverges "
+            "(lower inner_lr or outer_lr) or the losses overflow"
+        )
 
 
 def peak_memory_mb(params: Tree) -> float:
@@ -369,6 +414,7 @@ def _save(
     base_counts: Counter,
 ) -> None:
     payload = {
+        "state_class": type(state).__name__,
         "step": step,
         "x": params,
         "optimizer": optimizer.state_dict(),
@@ -385,6 +431,41 @@ def _save(
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from: unreadable, refused or from another run."""
+
+
+CHECKPOINT_KEYS = ("step", "x", "optimizer", "state", "history", "counts", "batches_drawn", "rng")
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`solve`, with tensors and plain data only
+    (``weights_only=True``: a file holding code is refused, never run). Raises
+    :class:`CheckpointError` with one line saying what is wrong."""
+    try:
+        payload = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"unsupported GLOBAL (\S+)|Unsupported global: GLOBAL (\S+)", str(err))
+        what = f" ({next(g for g in found.groups() if g)})" if found else ""
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: refused, it holds Python objects other than "
+            f"tensors and plain data{what}; only checkpoints bilevel writes are loaded, and "
+            "loading never runs code"
+        ) from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:
+        detail = str(err).split(". ")[0].strip() or type(err).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is truncated or corrupt ({detail}); restore "
+            "it, or delete it to start again from step 0"
+        ) from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a bilevel checkpoint (it lacks {', '.join(missing)})"
+        )
+    return payload
+
+
 def _load(
     path: Path,
     problem: Problem,
@@ -393,10 +474,15 @@ def _load(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
     state: MethodState,
 ) -> tuple[int, MethodState, list[dict[str, Any]]]:
-    try:
-        payload = torch.load(path, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+    payload = load_checkpoint(path)
+    written_by = payload.get("state_class", type(state).__name__)
+    unknown = set(payload["state"]) - {f.name for f in dataclasses.fields(state)}
+    if written_by != type(state).__name__ or unknown:
+        raise CheckpointError(
+            f"checkpoint {path} was written by another kind of method (its state is "
+            f"{written_by}, this method's is {type(state).__name__}); resume with the method "
+            "that wrote it"
+        )
     if payload["x"].keys() != params.keys():
         raise ValueError(
             f"checkpoint {path} holds x with keys {sorted(payload['x'])}, "

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from bilevel import tree as tr
-from bilevel.checks import check_int, reject_renamed_options, reject_unknown_options
+from bilevel.checks import check_fields, check_int, reject_renamed_options, reject_unknown_options
 from bilevel.inner import InnerOptimizer, make_inner_optimizer, run_inner_with_state
 from bilevel.problem import Problem
 from bilevel.tree import Tree
@@ -68,6 +68,7 @@ class Method(metaclass=_OptionsChecked):
     inner_state: str = "reset"
 
     def __post_init__(self) -> None:
+        check_fields(self)  # every option's type, from its annotation
         check_int("inner_steps", self.inner_steps, 0)
         self.optimizer = make_inner_optimizer(self.inner_optimizer, self.inner_lr)
         if self.inner_state not in INNER_STATES:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bilevel import tree as tr
-from bilevel.checks import check_int, check_positive
+from bilevel.checks import check_int, check_nonnegative, check_positive
 from bilevel.linalg import SolveInfo, conjugate_gradient, fixed_point, neumann
 from bilevel.linearization import LowerLinearization
 from bilevel.methods.base import Method, MethodState, register
@@ -83,6 +83,11 @@ class ConjugateGradient(Implicit):
     """
 
     solver_tol: float = 1e-10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("solver_iters", self.solver_iters, 1)  # 0 would leave v unsolved: hg = ∇_x f
+        check_nonnegative("solver_tol", self.solver_tol)
 
     def solve(self, problem, x, y, b, v0, lin):
         return conjugate_gradient(lin.hvp, b, v0, self.solver_iters, self.solver_tol)
