@@ -1,0 +1,40 @@
+"""benchmarks/peers: the protocol's losses are the hyper_cleaning task's, and the library's first
+hypergradient equals the hand-written float64 loop's for cg, neumann and itd (the peers
+themselves need their own environment, benchmarks/peers/requirements.txt)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bilevel.data.errors import DataNotFoundError
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks" / "peers"))
+
+protocol = pytest.importorskip("protocol")
+
+
+@pytest.fixture(scope="module")
+def data64():
+    try:
+        return protocol.load_data(torch.float64)
+    except DataNotFoundError:
+        pytest.skip("FashionMNIST (dataset-fashion-mnist) is not installed")
+
+
+def test_protocol_losses_are_the_tasks(data64):
+    assert protocol.difference_to_task(data64) == 0.0
+
+
+@pytest.mark.parametrize("method", ["cg", "neumann", "itd"])
+def test_bilevel_matches_hand_written_loop(data64, method):
+    from impl_bilevel import Bilevel
+    from impl_handwritten import HandWritten
+
+    reference, ours = HandWritten(method, data64), Bilevel(method, data64)
+    for _ in range(2):  # the second step is warm-started and follows an Adam step
+        reference.step()
+        ours.step()
+        err = (ours.hypergradient - reference.hypergradient).norm()
+        assert err <= 1e-10 * reference.hypergradient.norm()
