@@ -2,6 +2,7 @@
 
 # importing a family's module registers its methods
 from bilevel.methods import bda as _bda  # noqa: F401
+from bilevel.methods import direct as _direct  # noqa: F401
 from bilevel.methods import es as _es  # noqa: F401
 from bilevel.methods import krylov as _krylov  # noqa: F401
 from bilevel.methods import langevin as _langevin  # noqa: F401
