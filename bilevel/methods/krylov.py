@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,6 +38,8 @@ from bilevel.tree import Tree
 
 # a Lanczos step whose new direction is this small relative to A q has broken down
 _BREAKDOWN_RTOL = 100.0
+# an iterate whose norm grew this much since the last anchor is not trusted as the next one
+_JUMP = 1e3
 
 
 def _unit(vector: Tensor) -> tuple[Tensor, Tensor]:
@@ -72,6 +75,8 @@ class SubBiO(_Krylov):
     """SubBiO: v = argmin of ½vᵀAv − bᵀv over span{b, v − ηAv}, one 2-D subspace per step.
 
     Each outer step runs K warm-started inner steps, then with b = ∇_y f and η = ``solver_lr``
+    (default ``None``: η = ``inner_lr``, scale-aware — the inner loop needs it below 2/L to
+    converge, and so does the fallback step v − η(Av − b); a fixed 0.1 is not when L > 20)
     orthonormalises {b, v − ηA v}, forms the 2×2 projected matrix with two more HVPs and solves
     it. SOBA's step v − η(Av − b) lies in that span, so SubBiO's v is never worse than SOBA's on
     the step's quadratic. If the projected matrix is not positive definite (nonconvex lower
@@ -80,11 +85,13 @@ class SubBiO(_Krylov):
     product.
     """
 
-    solver_lr: float = 0.1
+    solver_lr: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive("solver_lr", self.solver_lr)
+        if self.solver_lr is not None:
+            check_positive("solver_lr", self.solver_lr)
+        self.eta = self.inner_lr if self.solver_lr is None else self.solver_lr
 
     def init(self, problem: Problem, x: Tree, y: Tree | None) -> ImplicitState:
         base = super().init(problem, x, y)
@@ -98,8 +105,8 @@ class SubBiO(_Krylov):
         matvec = _flat_hvp(lin, y)
         b, v = tr.flatten(gy), tr.flatten(state.v)
         av = matvec(v)
-        u = v - self.solver_lr * av
-        soba = u + self.solver_lr * b  # v − η(Av − b), inside span{b, u}
+        u = v - self.eta * av
+        soba = u + self.eta * b  # v − η(Av − b), inside span{b, u}
         q1, _ = _unit(b)
         for _ in range(2):  # Gram–Schmidt twice: orthogonal to working precision
             u = u - (q1 @ u) * q1
@@ -148,6 +155,9 @@ class LancBiOState(ImplicitState):
     pending: Tensor | None = None
     breakdowns: Tensor | None = None
     indefinite: Tensor | None = None
+    batch: Any = None
+    anchor_norm: Tensor | None = None
+    anchor_resets: int = 0
 
 
 @register("lancbio")
@@ -165,14 +175,23 @@ class LancBiO(_Krylov):
     min(⌈``m_growth``·m⌉, ``m_max``) (taking effect at the next restart); ``window=True`` is the
     authors' variant for early epochs: no anchor and no restarts, the last m Lanczos vectors
     only, started from b; ``reorthogonalize`` orthogonalises each new vector against the cycle's
-    basis (O(m·|y|) more work per step, no oracle); ``solver_lr`` η of the safe step.
+    basis (O(m·|y|) more work per step, no oracle); ``solver_lr`` η of the safe step
+    (default ``None``: ``inner_lr``, below 2/L when the inner loop converges);
+    ``hold_batch`` (default ``None``: on when the problem has ``lower_data``) linearises every
+    step of a Lanczos cycle at the lower batch drawn at the cycle's restart, so T projects one
+    batch's Hessian (with a fresh batch per step T projects no single matrix and its errors
+    compound across cycles); the inner steps still see fresh batches.
 
     Guards (counted in ``info``): a breakdown (β ≈ 0: the Krylov space is invariant, e.g. A = I)
     restarts at the next step; an indefinite or singular T (or a non-finite solve) keeps the
     previous v — or, on a cycle's first step, takes SOBA's step v̄ + η(b − w) — warns, and
-    restarts at the next step. The restart decision reads last step's flags on the host: it
-    decides whether an HVP is spent, so it must be known there; ``solve`` synchronises the
-    device after every step anyway, so the read waits on nothing.
+    restarts at the next step. A solve whose step s = T⁻¹Qᵀr has ‖s‖·√eps·‖T‖ > ‖Qᵀr‖ (T's
+    smallest eigenvalue below √eps·‖T‖: a near-singular T that passes the pivot test, the
+    cause of mini-batch blow-ups) is treated the same way. At a restart, an iterate whose norm
+    jumped above ``_JUMP`` × the last anchor's (or is not finite) is not used as anchor: the
+    cycle starts from v̄ = 0 (``info["anchor_resets"]``). The restart decision reads last
+    step's flags on the host: it decides whether an HVP is spent, so it must be known there;
+    ``solve`` synchronises the device after every step anyway, so the read waits on nothing.
     Oracles: K inner gradients, 1 upper gradient, 1 linearisation, 1 HVP per step + 1 per
     restart (none for the first, whose v̄ is 0, nor in window mode), 1 mixed product; memory
     m + 1 vectors.
@@ -184,16 +203,21 @@ class LancBiO(_Krylov):
     m_max: int = 100
     window: bool = False
     reorthogonalize: bool = False
-    solver_lr: float = 0.1
+    solver_lr: float | None = None
+    hold_batch: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("m", self.m, 1)
         check_int("m_period", self.m_period, 1)
         check_int("m_max", self.m_max, self.m)
-        check_positive("solver_lr", self.solver_lr)
+        if self.solver_lr is not None:
+            check_positive("solver_lr", self.solver_lr)
+        self.eta = self.inner_lr if self.solver_lr is None else self.solver_lr
         if not isinstance(self.m_growth, (int, float)) or not self.m_growth >= 1:
             raise ValueError(f"m_growth must be a number >= 1, got {self.m_growth!r}")
+        if self.hold_batch is not None and not isinstance(self.hold_batch, bool):
+            raise ValueError(f"hold_batch must be None, True or False, got {self.hold_batch!r}")
         for name in ("window", "reorthogonalize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -208,10 +232,20 @@ class LancBiO(_Krylov):
 
     def step(self, problem: Problem, x: Tree, state: LancBiOState) -> tuple[Tree, LancBiOState]:
         x = tr.detach(x)
-        y, gx, gy, lin = self._inner_and_upper(problem, x, state)
+        y = run_inner(
+            problem, x, self.inner_start(problem, x, state), self.inner_steps, self.optimizer
+        )
+        gx, gy = problem.grad_upper(x, y, problem.upper_batch())
+        restart = self._restart_due(state)
+        batch = problem.lower_batch()  # drawn every step: the stream stays the same either way
+        if self._holds(problem):
+            if restart or state.batch is None:
+                state.batch = batch
+            batch = state.batch
+        lin = problem.linearize_lower(x, y, batch)
         matvec = _flat_hvp(lin, y)
         b, v_prev = tr.flatten(gy), tr.flatten(state.v)
-        if self._restart_due(state):
+        if restart:
             self._restart(state, matvec, b, v_prev)
         r = b - state.frozen
         q = state.basis[-1]
@@ -226,11 +260,15 @@ class LancBiO(_Krylov):
             self._trim(state, state.m)
         basis = torch.stack(state.basis)
         off = torch.stack(state.betas) if state.betas else alpha.new_zeros(0)
-        s, positive = projected_solve(torch.stack(state.alphas), off, basis @ r)
+        rhs = basis @ r
+        s, positive = projected_solve(torch.stack(state.alphas), off, rhs)
         candidate = state.anchor + s @ basis
-        ok = positive & torch.isfinite(candidate).all()
+        scale = torch.stack(state.alphas).abs().max() + 2 * torch.cat([off.abs(), r[:1] * 0]).max()
+        sqrt_eps = torch.finfo(b.dtype).eps ** 0.5
+        bounded = torch.linalg.vector_norm(s) * sqrt_eps * scale <= torch.linalg.vector_norm(rhs)
+        ok = positive & bounded & torch.isfinite(candidate).all()
         first = state.cycle == 0 and not self.window
-        fallback = state.anchor + self.solver_lr * r if first else v_prev
+        fallback = state.anchor + self.eta * r if first else v_prev
         v = torch.where(ok, candidate, fallback)
         omega = u - alpha * q
         if self.reorthogonalize:
@@ -253,8 +291,12 @@ class LancBiO(_Krylov):
             "restarts": state.restarts,
             "breakdowns": state.breakdowns,
             "indefinite": state.indefinite,
+            "anchor_resets": state.anchor_resets,
         }
         return tr.sub(gx, lin.mixed(state.v)), state
+
+    def _holds(self, problem: Problem) -> bool:
+        return problem.lower_data is not None if self.hold_batch is None else self.hold_batch
 
     def _restart_due(self, state: LancBiOState) -> bool:
         if state.frozen is None:  # first step
@@ -277,7 +319,15 @@ class LancBiO(_Krylov):
             state.anchor = v if not self.window else torch.zeros_like(v)
             state.frozen = torch.zeros_like(v)
         else:
-            state.anchor, state.frozen = v, matvec(v)
+            norm = torch.linalg.vector_norm(v)
+            if state.anchor_norm is not None:
+                ref = state.anchor_norm
+                jumped = ~torch.isfinite(norm) | ((ref > 0) & (norm > _JUMP * ref))
+                if bool(jumped):  # host read, once per restart (as the restart decision)
+                    v, norm = torch.zeros_like(v), torch.zeros_like(norm)
+                    state.anchor_resets += 1
+                norm = torch.maximum(ref, norm)
+            state.anchor, state.frozen, state.anchor_norm = v, matvec(v), norm
         q, _ = _unit(b - state.frozen)
         state.basis, state.alphas, state.betas = [q], [], []
         state.q_prev, state.beta, state.cycle = None, None, 0
