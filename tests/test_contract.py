@@ -63,6 +63,7 @@ WARM_COUNTS = {
     "sgld": {"linearize": K, "upper_grad": K, "hvp": K, "mixed": K},
     "f2sa": {"lower_grad": 2 * K, "upper_grad": K + 1, "lower_grad_x": 2},
     "bome": {"lower_grad": K + 1, "upper_grad": 1, "lower_grad_x": 2},
+    "direct": {"lower_grad": K, "upper_grad": 1},
 }
 
 # host reads a method's docstring documents, with the option that avoids them where one does

@@ -109,8 +109,9 @@ def run_data(method: str) -> torch.Tensor:
     return bl.hypergrad(problem, x, y, bl.method(method, **options), steps=3)["l"]
 
 
-def run_es(method: str) -> torch.Tensor:
-    """An ESJ hypergradient with Q = 8 directions, split over the ranks."""
+def run_es(method: str, seed: int | None = 0) -> torch.Tensor:
+    """An ESJ hypergradient with Q = 8 directions, split over the ranks (``seed=None``: the
+    direction seed drawn from each process's global RNG, which differ here)."""
     gen = torch.Generator().manual_seed(2)
     a = torch.randn(20, 5, generator=gen, dtype=torch.float64)
     b = torch.randint(0, 2, (20,), generator=gen).double()
@@ -127,11 +128,16 @@ def run_es(method: str) -> torch.Tensor:
     problem = bl.Problem(upper, lower)
     x = {"l": torch.full((5,), -1.0, dtype=torch.float64)}
     y = {"w": torch.zeros(5, dtype=torch.float64)}
-    options = {"inner_steps": 10, "inner_lr": 0.5, "directions": 8, "radius": 1e-3}
+    options = {"inner_steps": 10, "inner_lr": 0.5, "directions": 8, "radius": 1e-3, "seed": seed}
     return bl.hypergrad(problem, x, y, bl.method(method, **options), steps=2)["l"]
 
 
-CASES = {"meta": run_meta, "data": run_data, "es": run_es}
+def run_es_drawn_seed(method: str) -> torch.Tensor:
+    torch.manual_seed(distributed.rank())  # ranks' global RNGs disagree on purpose
+    return run_es(method, seed=None)
+
+
+CASES = {"meta": run_meta, "data": run_data, "es": run_es, "es_drawn": run_es_drawn_seed}
 
 
 def _worker(rank: int, world: int, init_file: str, out: str, case: str, method: str) -> None:
@@ -204,3 +210,10 @@ def test_single_process_is_untouched():
 def test_two_ranks_split_the_directions_like_one_process(tmp_path, method):
     single = two_ranks_match_one_process(tmp_path, "es", method)
     assert single.abs().max() > 1e-3
+
+
+def test_ranks_share_rank_zeros_drawn_direction_seed(tmp_path):
+    out, init = tmp_path / "drawn.pt", str(tmp_path / "init-drawn")
+    mp.spawn(_worker, args=(2, init, str(out), "es_drawn", "esj"), nprocs=2)
+    per_rank = torch.load(out)
+    torch.testing.assert_close(per_rank[0], per_rank[1], rtol=0, atol=0)

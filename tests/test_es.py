@@ -41,7 +41,7 @@ def _direction_terms(method: ESJ, problem, x, y) -> tuple[dict, torch.Tensor, to
 def test_mean_is_exact_hypergradient_of_f_n_on_linear_response():
     task = quadratic(dim_x=4, dim_y=6, seed=1)
     p, x, y = task.problem, task.x0, task.y0
-    method = bl.method("esj", directions=4000, radius=0.1, inner_steps=N, inner_lr=LR)
+    method = bl.method("esj", directions=4000, radius=0.1, inner_steps=N, inner_lr=LR, seed=0)
     hg, terms, _ = _direction_terms(method, p, x, y)
     mean, se = terms.mean(0), terms.std(0) / math.sqrt(terms.shape[0])
     torch.testing.assert_close(hg["x"], mean, rtol=1e-12, atol=1e-12)
@@ -183,8 +183,8 @@ def test_batched_and_loop_agree_with_momentum_and_adam():
     p, x, y = logistic_l2_problem()
     for opt in ("gd", "momentum", "adam"):
         options = dict(directions=5, radius=1e-3, inner_steps=6, inner_lr=0.1, inner_optimizer=opt)
-        a = bl.hypergrad(p, x, y, bl.method("esj", batched=True, **options), steps=2)
-        b = bl.hypergrad(p, x, y, bl.method("esj", batched=False, **options), steps=2)
+        a = bl.hypergrad(p, x, y, bl.method("esj", batched=True, seed=0, **options), steps=2)
+        b = bl.hypergrad(p, x, y, bl.method("esj", batched=False, seed=0, **options), steps=2)
         assert relative_error(a, b) < 1e-9, opt
 
 
@@ -195,11 +195,13 @@ def test_auto_falls_back_to_loop_for_unvmappable_loss():
         return p.lower(x_, y_, batch) * (1.0 + 0.0 * float(y_["w"].sum().item()))
 
     problem = bl.Problem(upper=p.upper, lower=lower)
-    method = bl.method("esj", directions=3, inner_steps=4, inner_lr=0.1)
+    method = bl.method("esj", directions=3, inner_steps=4, inner_lr=0.1, seed=0)
     state = method.init(problem, x, y)
     hg, state = method.step(problem, x, state)
     assert state.batched is False
-    ref = bl.hypergrad(p, x, y, bl.method("esj", directions=3, inner_steps=4, inner_lr=0.1))
+    ref = bl.hypergrad(
+        p, x, y, bl.method("esj", directions=3, inner_steps=4, inner_lr=0.1, seed=0)
+    )
     assert relative_error(hg, ref) < 1e-12
     with pytest.raises(RuntimeError):
         bl.hypergrad(problem, x, y, bl.method("esj", batched=True, inner_steps=2))
@@ -232,12 +234,12 @@ def test_agrees_with_itd_in_float64_as_mu_shrinks():
     errors = []
     for q in (64, 4096):
         method = bl.method(
-            "esj", directions=q, radius=1e-5, antithetic=True, inner_steps=15, inner_lr=0.5
+            "esj", directions=q, radius=1e-5, antithetic=True, inner_steps=15, inner_lr=0.5, seed=0
         )
         errors.append(relative_error(bl.hypergrad(p, x, y, method), exact))
     assert errors[1] < 0.05 and errors[1] < 0.25 * errors[0], errors
     hozog = bl.method(
-        "hozog", directions=4096, radius=1e-5, antithetic=True, inner_steps=15, inner_lr=0.5
+        "hozog", directions=4096, radius=1e-5, antithetic=True, inner_steps=15, inner_lr=0.5, seed=0
     )
     assert relative_error(bl.hypergrad(p, x, y, hozog), exact) < 0.1
 
@@ -303,7 +305,7 @@ def test_few_shot_feature_form_one_direction_shared_by_all_tasks():
             "few_shot", n_alphabets=6, n_characters=6, n_drawings=6, image_size=16, hidden=4,
             meta_batch=2, n_query=2, k_shot=2, n_way=3, split_sizes=(4, 1, 1),
         )  # fmt: skip
-        method = bl.method("esj", directions=2, radius=0.1, inner_steps=3, batched=batched)
+        method = bl.method("esj", directions=2, radius=0.1, inner_steps=3, batched=batched, seed=0)
         out[batched] = bl.hypergrad(task.problem, task.x0, None, method)
     assert all(v.dtype == torch.float32 for v in out[True].values())
     assert relative_error(out[True], out[False]) < 1e-4
@@ -320,3 +322,90 @@ def test_bad_options_raise():
         bl.method("esj", batched="yes")
     with pytest.raises(TypeError, match="common_batches"):
         bl.method("esj", common_batches=False)
+
+
+# ------------------------------------------------------------------ seeding
+def _esj_solve(task, run_seed: int, steps: int = 3, **options):
+    method = bl.method("esj", inner_steps=N, inner_lr=LR, **options)
+    return bl.solve(task.problem, task.x0, task.y0, method, steps=steps,
+                    outer_optimizer="sgd", outer_lr=0.1, seed=run_seed)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["esj", "esj_s", "hozog"])
+def test_seed_defaults_to_none(name):
+    assert bl.method(name).seed is None
+
+
+def test_solve_seeds_draw_different_directions_and_an_explicit_seed_reproduces():
+    task = quadratic(dim_x=4, dim_y=6, seed=1)
+    a, b, again = _esj_solve(task, 0), _esj_solve(task, 1), _esj_solve(task, 0)
+    assert a.state.seed != b.state.seed
+    u_a = draw_direction(task.x0, a.state.seed, 0, 0, "gaussian")["x"]
+    assert not torch.equal(u_a, draw_direction(task.x0, b.state.seed, 0, 0, "gaussian")["x"])
+    assert not torch.equal(a.x["x"], b.x["x"])
+    assert torch.equal(a.x["x"], again.x["x"])  # the same run seed replays the run
+    fixed = [_esj_solve(task, s, seed=5) for s in (0, 1)]  # the option overrides the run's
+    assert fixed[0].state.seed == 5 and torch.equal(fixed[0].x["x"], fixed[1].x["x"])
+
+
+def test_repeated_hypergrad_calls_are_independent_draws():
+    task = quadratic(dim_x=4, dim_y=6, seed=1)
+    method = bl.method("esj", inner_steps=N, inner_lr=LR)
+    first, second = (bl.hypergrad(task.problem, task.x0, task.y0, method) for _ in range(2))
+    assert not torch.equal(first["x"], second["x"])
+    fixed = bl.method("esj", inner_steps=N, inner_lr=LR, seed=3)
+    one, two = (bl.hypergrad(task.problem, task.x0, task.y0, fixed) for _ in range(2))
+    assert torch.equal(one["x"], two["x"])
+
+
+def test_mean_of_repeated_calls_converges_at_inverse_sqrt_rate():
+    """Gaussian directions, y_N linear in x: each call is an independent unbiased estimate of
+    ∇F_N, so the mean of n calls has RMS error ∝ n^(-1/2) (slope fitted on a log-log scale)."""
+    task = quadratic(dim_x=4, dim_y=6, seed=2)
+    p, x, y = task.problem, task.x0, task.y0
+    exact = _itd(p, x, y, inner_steps=N, inner_lr=LR)["x"]
+    method = bl.method("esj", inner_steps=N, inner_lr=LR)
+    torch.manual_seed(0)
+    calls, rms = [2, 8, 32, 128], []
+    for n in calls:
+        errors = [
+            torch.stack([bl.hypergrad(p, x, y, method)["x"] for _ in range(n)]).mean(0) - exact
+            for _ in range(10)
+        ]
+        rms.append(torch.stack(errors).square().sum(1).mean().sqrt())
+    logs = torch.log(torch.tensor(calls, dtype=torch.float64))
+    slope = torch.linalg.lstsq(
+        torch.stack([logs, torch.ones_like(logs)], 1), torch.log(torch.stack(rms))[:, None]
+    ).solution[0, 0]
+    assert abs(float(slope) + 0.5) < 0.12, f"log-log slope {float(slope):.3f}, expected -0.5"
+    assert rms[-1] < 0.25 * rms[0]
+
+
+def test_resume_keeps_the_runs_seed_bit_exact(tmp_path):
+    """The seed lives in the state: a run resumed under another solve seed still continues
+    the checkpointed run's directions."""
+    task = quadratic(dim_x=4, dim_y=6, seed=1)
+    full = _esj_solve(task, 0, steps=6)
+    path = tmp_path / "ck.pt"
+    method = bl.method("esj", inner_steps=N, inner_lr=LR)
+    run = dict(outer_optimizer="sgd", outer_lr=0.1, checkpoint=path, checkpoint_every=3)
+    bl.solve(task.problem, task.x0, task.y0, method, steps=3, seed=0, **run)
+    resumed = bl.solve(task.problem, task.x0, task.y0, method, steps=6, seed=1, **run)
+    assert resumed.state.seed == full.state.seed
+    assert torch.equal(full.x["x"], resumed.x["x"])
+
+
+def test_direct_ablation_is_the_partial_gradient_at_y_n():
+    task = quadratic(dim_x=4, dim_y=6, seed=1)
+    p, x, y = task.problem, task.x0, task.y0
+    hg = bl.hypergrad(p, x, y, bl.method("direct", inner_steps=N, inner_lr=LR))
+    y_n = dict(y)
+    for _ in range(N):  # N plain GD steps from y0, by autograd
+        with torch.enable_grad():
+            w = {"y": y_n["y"].clone().requires_grad_(True)}
+            (g,) = torch.autograd.grad(p.lower(x, w, None), [w["y"]])
+        y_n = {"y": y_n["y"] - LR * g}
+    with torch.enable_grad():
+        x_ = {"x": x["x"].clone().requires_grad_(True)}
+        (expected,) = torch.autograd.grad(p.upper(x_, y_n, None), [x_["x"]])
+    torch.testing.assert_close(hg["x"], expected, rtol=1e-12, atol=1e-12)

@@ -1,6 +1,7 @@
 """SubBiO and LancBiO against closed forms: CG iterates, exact hypergradients, SOBA's step,
 guards (breakdown, indefinite Hessians), oracle counts, float32, the m schedule, resume."""
 
+import math
 import warnings
 
 import pytest
@@ -27,7 +28,7 @@ def test_lancbio_iterates_equal_cg_iterates_with_fixed_system():
     # inner_steps=0: y, hence A and b, stay fixed; m beyond the steps: no restart
     task, data = _quadratic(dim_y=30)
     b = _b(data, task.x0["x"], task.y0["y"])
-    for options in ({}, {"reorthogonalize": True}, {"window": True}):
+    for options in ({}, {"reorthogonalize": True}, {"window": "sliding"}):
         method = bl.method("lancbio", inner_steps=0, m=40, m_max=40, **options)
         state = method.init(task.problem, task.x0, task.y0)
         for j in range(1, 13):
@@ -168,7 +169,7 @@ def test_oracle_counts():
         "hvp": steps + steps // m - 1,
         "mixed": steps,
     }
-    assert counts("lancbio", steps, inner_steps=k, m=m, m_max=m, window=True)["hvp"] == steps
+    assert counts("lancbio", steps, inner_steps=k, m=m, m_max=m, window="sliding")["hvp"] == steps
     assert counts("subbio", steps, inner_steps=k) == {
         "lower_grad": k * steps,
         "upper_grad": steps,
@@ -217,7 +218,7 @@ def test_bad_options_raise_clear_errors():
         ({"m": 5, "m_max": 3}, "m_max must be an integer >= 5"),
         ({"m_growth": 0.5}, "m_growth must be a number >= 1"),
         ({"m_period": 0}, "m_period"),
-        ({"window": "yes"}, "window must be True or False"),
+        ({"window": "yes"}, "window must be False"), ({"window": True}, "window=.sliding."),
         ({"fallback_lr": 0.0}, "fallback_lr"),
     ):
         with pytest.raises(ValueError, match=match):
@@ -264,3 +265,128 @@ def test_lancbio_resumes_from_a_checkpoint_bit_exact(tmp_path):
         resumed = bl.solve(task.problem, task.x0, task.y0, bl.method("lancbio", **options),
                            checkpoint=path, checkpoint_every=4, **run)  # fmt: skip
     assert torch.equal(full.x["x"], resumed.x["x"])
+
+
+# ------------------------------------------------------------------ scale-aware defaults
+def _stiff_quadratic(n: int = 12, L: float = 200.0, seed: int = 0):
+    """½yᵀAy − yᵀ(Bx + c), eigenvalues of A in [1, L] (2/L = 0.01 < 0.1), f = ½‖y − t‖²."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    A = q @ torch.diag(torch.linspace(1.0, L, n, dtype=torch.float64)) @ q.T
+    B = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    c, t = (torch.randn(n, generator=g, dtype=torch.float64) for _ in range(2))
+    problem = bl.Problem(
+        upper=lambda x, y, _: 0.5 * torch.sum((y["y"] - t) ** 2),
+        lower=lambda x, y, _: 0.5 * y["y"] @ (A @ y["y"]) - y["y"] @ (B @ x["x"] + c),
+    )
+    x = {"x": torch.randn(3, generator=g, dtype=torch.float64)}
+    ys = torch.linalg.solve(A, B @ x["x"] + c)
+    exact = B.T @ torch.linalg.solve(A, ys - t)
+    return problem, x, {"y": torch.zeros(n, dtype=torch.float64)}, exact
+
+
+def test_subbio_default_eta_converges_when_two_over_l_is_below_a_tenth():
+    problem, x, y, exact = _stiff_quadratic()
+    method = bl.method("subbio", inner_steps=5, inner_lr=1.0 / 200)  # η defaults to inner_lr
+    hg = bl.hypergrad(problem, x, y, method, steps=3000)["x"]
+    assert float((hg - exact).norm() / exact.norm()) < 1e-6
+    with pytest.raises(ValueError, match="solver_lr"):
+        bl.method("subbio", solver_lr=0.0)
+
+
+def _minibatch_quadratic(n: int = 20, batches: int = 8, seed: int = 0):
+    """Lower batch i: ½yᵀA_i y − yᵀ(Bx + c) with A_i = X_iᵀX_i/64 + I/2 (rows scaled so the
+    spectrum spans ~[0.5, 50]): every batch has its own Hessian. Returns the problem, x, y0 and
+    v* = Ā⁻¹(y* − t) of the mean problem."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.linspace(1.0, 50**0.5, n, dtype=torch.float64)
+    xs = [torch.randn(64, n, generator=g, dtype=torch.float64) * scales for _ in range(batches)]
+    As = torch.stack([X.T @ X / 64 + 0.5 * torch.eye(n, dtype=torch.float64) for X in xs])
+    B = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    c, t = (torch.randn(n, generator=g, dtype=torch.float64) for _ in range(2))
+    problem = bl.Problem(
+        upper=lambda x, y, _: 0.5 * torch.sum((y["y"] - t) ** 2),
+        lower=lambda x, y, i: 0.5 * y["y"] @ (As[i] @ y["y"]) - y["y"] @ (B @ x["x"] + c),
+        lower_data=[torch.tensor(i) for i in range(batches)],
+    )
+    x = {"x": torch.randn(4, generator=g, dtype=torch.float64)}
+    mean = As.mean(0)
+    v_star = torch.linalg.solve(mean, torch.linalg.solve(mean, B @ x["x"] + c) - t)
+    return problem, x, {"y": torch.zeros(n, dtype=torch.float64)}, v_star
+
+
+def test_lancbio_on_minibatches_holds_one_batch_per_cycle_and_stays_bounded():
+    """Measured: with a fresh batch per Lanczos step T projects no single matrix and v grows
+    to ~1e4·‖v*‖ in 400 steps; holding the restart's batch for the cycle keeps it bounded."""
+    def largest_v(**options) -> float:
+        problem, x, y, v_star = _minibatch_quadratic()
+        method = bl.method("lancbio", inner_steps=1, inner_lr=0.02, **options)
+        state, largest = method.init(problem, x, y), 0.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for _ in range(400):
+                _, state = method.step(problem, x, state)
+                largest = max(largest, float(state.v["y"].norm() / v_star.norm()))
+        return largest
+
+    held = largest_v()  # the default with lower_data
+    assert held < 3, held
+    assert largest_v(hold_batch=False) > 10 * held
+
+
+# ------------------------------------------------------------------ the authors' variants
+def test_authors_window_is_a_restarted_projection_with_at_most_m_minus_1_vectors():
+    """Fixed system (inner_steps=0): each cycle of m steps starts from b (the previous step's,
+    equal here) with no anchor, so at its j-th step (j < m) v is CG's j-th iterate from 0;
+    at most m − 1 vectors; the first cycle starts from the authors' uniform vector instead."""
+    task, data = _quadratic(dim_y=30)
+    b = _b(data, task.x0["x"], task.y0["y"])
+    m = 5
+    method = bl.method("lancbio", inner_steps=0, m=m, m_max=m, window="authors")
+    state = method.init(task.problem, task.x0, task.y0)
+    dims = []
+    for step in range(1, 4 * m + 1):
+        _, state = method.step(task.problem, task.x0, state)
+        dims.append(state.info["subspace_dim"])
+        j = (step - 1) % m + 1
+        if step > m and j < m:  # cycles after the first start from b; at j = m the window
+            # has dropped the cycle's first vector (b's direction), as the authors' code does
+            cg, _ = linalg.conjugate_gradient(
+                lambda t: {"v": data.A @ t["v"]}, {"v": b}, None, j, tol=0.0
+            )
+            assert torch.allclose(state.v["y"], cg["v"], rtol=0, atol=1e-8 * float(cg["v"].norm()))
+    assert max(dims) == m - 1 and dims[:m] == [1, 2, 3, 4, 4]
+
+
+def test_modulo_restart_rule_matches_the_authors_synthetic_code():
+    """m grows before 1-based step k ≡ period − 1 (mod period); restart when k mod m = 1 or
+    m = 1 (written out here independently of the method)."""
+    task, _ = _quadratic()
+    options = {"m": 1, "m_growth": 1.5, "m_period": 4, "m_max": 5}
+    method = bl.method("lancbio", inner_steps=1, inner_lr=1.0, restart_rule="modulo", **options)
+    state = method.init(task.problem, task.x0, task.y0)
+    m, expected, got = 1, [], []
+    for k in range(1, 30):
+        if k % 4 == 3:
+            m = min(math.ceil(m * 1.5 - 1e-9), 5)
+        expected.append(k == 1 or k % m == 1 or m == 1)
+        before = state.restarts
+        _, state = method.step(task.problem, task.x0, state)
+        got.append(state.restarts > before)
+    assert got == expected
+
+
+def test_warmup_runs_the_authors_window_then_restarts_from_its_v():
+    task, data = _quadratic(seed=3)
+    method = bl.method("lancbio", inner_steps=5, inner_lr=1.0, fallback_lr=1.0, m=3, m_max=3,
+                       warmup_steps=12, warmup_m_max=6, m_growth=2.0, m_period=4)  # fmt: skip
+    state = method.init(task.problem, task.x0, task.y0)
+    task.problem.counts.clear()
+    for _ in range(12):
+        _, state = method.step(task.problem, task.x0, state)
+    assert task.problem.counts["hvp"] == 12  # windowed: no restart HVPs
+    assert state.m == 6  # grown up to the warm-up cap
+    _, state = method.step(task.problem, task.x0, state)
+    assert task.problem.counts["hvp"] == 14 and state.m == 3  # restart HVP, cap m_max
+    hg = bl.hypergrad(task.problem, task.x0, task.y0, method, steps=80)
+    assert relative_error(hg, data.hypergradient(task.x0)) < 1e-6

@@ -6,6 +6,7 @@ Every registered method's class is exported here (``bl.methods.LancBiO(m=5)`` is
 
 # importing a family's module registers its methods
 from bilevel.methods import bda as _bda  # noqa: F401
+from bilevel.methods import direct as _direct  # noqa: F401
 from bilevel.methods import es as _es  # noqa: F401
 from bilevel.methods import first_order as _first_order  # noqa: F401
 from bilevel.methods import krylov as _krylov  # noqa: F401

@@ -12,10 +12,14 @@ HOZOG (Gu, Huo, Huang, "Optimizing Large-Scale Hyperparameters via Automated Lea
 Algorithm", arXiv 1808.09617) estimates the whole hypergradient by zeroth order instead:
 hg = (1/Q) Σ_q (F_N(x + μ u_q) − F_N(x)) / μ · u_q.
 
-Direction q of outer step t is drawn from a generator seeded by (``seed``, t, q) only, so any
-subset of directions can be computed apart and summed: under torch.distributed each rank runs
-:meth:`Perturbed.partial_estimate` on its share of ``range(directions)`` and one all-reduce
-sums the shares (see :mod:`bilevel.distributed`).
+Direction q of outer step t is drawn from a generator seeded by (the run's seed, t, q) only, so
+any subset of directions can be computed apart and summed: under torch.distributed each rank
+runs :meth:`Perturbed.partial_estimate` on its share of ``range(directions)`` and one
+all-reduce sums the shares (see :mod:`bilevel.distributed`). The run's seed is the ``seed``
+option, or (``seed=None``, the default) one drawn from torch's global RNG at ``init`` — which
+``bl.solve(seed=...)`` seeds, so runs with different seeds draw different directions and
+repeated ``bl.hypergrad`` calls are independent estimates. It is kept in the state (a resumed
+run continues the same directions) and broadcast from rank 0 (every rank uses the same).
 """
 
 from __future__ import annotations
@@ -92,10 +96,12 @@ class Paths(NamedTuple):
 
 @dataclass
 class ESState(MethodState):
-    """Adds the outer-step counter ``t`` (it seeds the directions, so it is checkpointed) and
-    ``batched``, the path mode chosen by ``batched="auto"`` at the first step."""
+    """Adds the outer-step counter ``t`` and the run's direction seed ``seed`` (together they
+    seed the directions, so both are checkpointed) and ``batched``, the path mode chosen by
+    ``batched="auto"`` at the first step."""
 
     t: int = 0
+    seed: int = 0
     batched: bool | None = None
 
 
@@ -110,7 +116,9 @@ class Perturbed(Method):
             :func:`draw_direction`).
         antithetic: use ± pairs, (y_N(x + μu) − y_N(x − μu)) / 2μ: the O(μ) term of the
             difference cancels; costs 2Q perturbed paths instead of Q.
-        seed: seeds the directions together with the step counter and the direction index.
+        seed: seeds the directions together with the step counter and the direction index;
+            ``None`` (default) draws it from torch's global RNG at ``init``, so
+            ``bl.solve(seed=...)`` varies the directions and every ``init`` is a fresh draw.
         batched: ``True`` runs the perturbed paths with one ``vmap`` per inner step, ``False``
             loops over them, ``"auto"`` tries ``vmap`` at the first step and falls back to the
             loop if the losses cannot be vmapped (or the inner optimizer is not one of the
@@ -121,7 +129,7 @@ class Perturbed(Method):
     radius: float = 0.01
     distribution: str = "gaussian"
     antithetic: bool = False
-    seed: int = 0
+    seed: int | None = None
     batched: bool | str = "auto"
     RENAMED = {"mu": "radius"}
 
@@ -129,7 +137,8 @@ class Perturbed(Method):
         super().__post_init__()
         check_int("directions", self.directions, 1)
         check_positive("radius", self.radius)
-        check_int("seed", self.seed, 0)
+        if self.seed is not None:
+            check_int("seed", self.seed, 0)
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(
                 f"distribution must be one of {', '.join(DISTRIBUTIONS)}, got {self.distribution!r}"
@@ -148,7 +157,17 @@ class Perturbed(Method):
             batched = False  # the oracles' all-reduce cannot run under vmap
         if not self.shares_batches:
             batched = False
-        return ESState(y=base.y, y0=base.y0, batched=batched)
+        return ESState(y=base.y, y0=base.y0, seed=self._run_seed(x), batched=batched)
+
+    def _run_seed(self, x: Tree) -> int:
+        """The ``seed`` option, else a draw from torch's global RNG; rank 0's under
+        torch.distributed (one host read at ``init``, none per step)."""
+        if self.seed is not None:
+            return self.seed
+        device = next(iter(x.values())).device
+        seed = {"seed": torch.randint(0, 2**62, (), dtype=torch.int64).to(device)}
+        distributed.broadcast_(seed)
+        return int(seed["seed"])
 
     def step(self, problem: Problem, x: Tree, state: ESState) -> tuple[Tree, ESState]:
         # under torch.distributed each rank runs its share of the directions and one all-reduce
@@ -183,7 +202,7 @@ class Perturbed(Method):
         (counted in bulk).
         """
         x = tr.detach(x)
-        u = draw_directions(x, self.seed, state.t, qs, self.distribution)
+        u = draw_directions(x, state.seed, state.t, qs, self.distribution)
         signs = (1.0, -1.0) if self.antithetic else (1.0,)
         shifts = {k: torch.cat([s * self.radius * u[k] for s in signs]) for k in u}
         xs = {k: x[k] + shifts[k] for k in x}

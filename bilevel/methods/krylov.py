@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,6 +37,8 @@ from bilevel.tree import Tree
 
 # a Lanczos step whose new direction is this small relative to A q has broken down
 _BREAKDOWN_RTOL = 100.0
+# an iterate whose norm grew this much since the last anchor is not trusted as the next one
+_JUMP = 1e3
 
 
 def _unit(vector: Tensor) -> tuple[Tensor, Tensor]:
@@ -71,6 +74,8 @@ class SubBiO(_Krylov):
     """SubBiO: v = argmin of ½vᵀAv − bᵀv over span{b, v − ηAv}, one 2-D subspace per step.
 
     Each outer step runs K warm-started inner steps, then with b = ∇_y f and η = ``solver_lr``
+    (default ``None``: η = ``inner_lr``, scale-aware — the inner loop needs it below 2/L to
+    converge, and so does the fallback step v − η(Av − b); a fixed 0.1 is not when L > 20)
     orthonormalises {b, v − ηA v}, forms the 2×2 projected matrix with two more HVPs and solves
     it. SOBA's step v − η(Av − b) lies in that span, so SubBiO's v is never worse than SOBA's on
     the step's quadratic. If the projected matrix is not positive definite (nonconvex lower
@@ -79,11 +84,13 @@ class SubBiO(_Krylov):
     product.
     """
 
-    solver_lr: float = 0.1
+    solver_lr: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive("solver_lr", self.solver_lr)
+        if self.solver_lr is not None:
+            check_positive("solver_lr", self.solver_lr)
+        self.eta = self.inner_lr if self.solver_lr is None else self.solver_lr
 
     def init(self, problem: Problem, x: Tree, y: Tree | None) -> ImplicitState:
         base = super().init(problem, x, y)
@@ -97,8 +104,8 @@ class SubBiO(_Krylov):
         matvec = _flat_hvp(lin, y)
         b, v = tr.flatten(gy), tr.flatten(state.v)
         av = matvec(v)
-        u = v - self.solver_lr * av
-        soba = u + self.solver_lr * b  # v − η(Av − b), inside span{b, u}
+        u = v - self.eta * av
+        soba = u + self.eta * b  # v − η(Av − b), inside span{b, u}
         q1, _ = _unit(b)
         for _ in range(2):  # Gram–Schmidt twice: orthogonal to working precision
             u = u - (q1 @ u) * q1
@@ -147,6 +154,13 @@ class LancBiOState(ImplicitState):
     pending: Tensor | None = None
     breakdowns: Tensor | None = None
     indefinite: Tensor | None = None
+    batch: Any = None
+    b_prev: Tensor | None = None
+    anchor_norm: Tensor | None = None
+    anchor_resets: int = 0
+
+
+WINDOWS = (False, "sliding", "authors")
 
 
 @register("lancbio")
@@ -161,18 +175,37 @@ class LancBiO(_Krylov):
     fixed the iterate is CG's.
 
     Options: ``m`` the cycle length (subspace size), grown every ``m_period`` steps to
-    min(⌈``m_growth``·m⌉, ``m_max``) (taking effect at the next restart); ``window=True`` is the
-    authors' variant for early epochs: no anchor and no restarts, the last m Lanczos vectors
-    only, started from b; ``reorthogonalize`` orthogonalises each new vector against the cycle's
-    basis (O(m·|y|) more work per step, no oracle); ``fallback_lr`` η of the safe step taken
-    when T is not positive definite (renamed from ``solver_lr``: LancBiO has no solver step).
+    min(⌈``m_growth``·m⌉, ``m_max``) (taking effect at the next restart); ``window``: ``False``
+    the restart/residual variant above (Algorithm 2), ``"authors"`` the authors' windowed
+    variant as their code has it (``lancbio_tridiag``): no anchor, a restart every m steps from
+    the previous step's b (a seeded uniform vector at the first), at most max(m − 1, 1)
+    vectors in the projected system (their m = 1 keeps none, so v = 0: not copied),
+    ``"sliding"`` our own windowed form: no anchor, never restarted, the last m vectors,
+    started from the current b; ``restart_rule``: ``"cycle"`` (a cycle runs its m steps; m grows
+    after steps m_period, 2·m_period, …) or ``"modulo"`` (the authors' synthetic code: m grows
+    before 1-based step k ≡ m_period − 1 (mod m_period), a restart when k mod m = 1 or m = 1,
+    cutting the cycle in progress); ``warmup_steps`` E > 0 gives the official two-phase
+    schedule: ``window="authors"`` with cap ``warmup_m_max`` for the first E steps, then the
+    configured variant with cap ``m_max``, restarted at step E from the windowed v;
+    ``reorthogonalize`` orthogonalises each new vector against the cycle's
+    basis (O(m·|y|) more work per step, no oracle); ``fallback_lr`` η of the safe step
+    taken when T is not positive definite (default ``None``: ``inner_lr``, below 2/L when the
+    inner loop converges; renamed from ``solver_lr``: LancBiO has no solver step);
+    ``hold_batch`` (default ``None``: on when the problem has ``lower_data``) linearises every
+    step of a Lanczos cycle at the lower batch drawn at the cycle's restart, so T projects one
+    batch's Hessian (with a fresh batch per step T projects no single matrix and its errors
+    compound across cycles); the inner steps still see fresh batches.
 
     Guards (counted in ``info``): a breakdown (β ≈ 0: the Krylov space is invariant, e.g. A = I)
     restarts at the next step; an indefinite or singular T (or a non-finite solve) keeps the
     previous v — or, on a cycle's first step, takes SOBA's step v̄ + η(b − w) — warns, and
-    restarts at the next step. The restart decision reads last step's flags on the host: it
-    decides whether an HVP is spent, so it must be known there; ``solve`` synchronises the
-    device after every step anyway, so the read waits on nothing.
+    restarts at the next step. A solve whose step s = T⁻¹Qᵀr has ‖s‖·√eps·‖T‖ > ‖Qᵀr‖ (T's
+    smallest eigenvalue below √eps·‖T‖: a near-singular T that passes the pivot test, the
+    cause of mini-batch blow-ups) is treated the same way. At a restart, an iterate whose norm
+    jumped above ``_JUMP`` × the last anchor's (or is not finite) is not used as anchor: the
+    cycle starts from v̄ = 0 (``info["anchor_resets"]``). The restart decision reads last
+    step's flags on the host: it decides whether an HVP is spent, so it must be known there;
+    ``solve`` synchronises the device after every step anyway, so the read waits on nothing.
     Oracles: K inner gradients, 1 upper gradient, 1 linearisation, 1 HVP per step + 1 per
     restart (none for the first, whose v̄ is 0, nor in window mode), 1 mixed product; memory
     m + 1 vectors.
@@ -182,9 +215,13 @@ class LancBiO(_Krylov):
     m_growth: float = 1.0
     m_period: int = 50
     m_max: int = 100
-    window: bool = False
+    window: bool | str = False
+    restart_rule: str = "cycle"
+    warmup_steps: int = 0
+    warmup_m_max: int = 300
     reorthogonalize: bool = False
-    fallback_lr: float = 0.1
+    fallback_lr: float | None = None
+    hold_batch: bool | None = None
     RENAMED = {"solver_lr": "fallback_lr"}
 
     def __post_init__(self) -> None:
@@ -192,12 +229,25 @@ class LancBiO(_Krylov):
         check_int("m", self.m, 1)
         check_int("m_period", self.m_period, 1)
         check_int("m_max", self.m_max, self.m)
-        check_positive("fallback_lr", self.fallback_lr)
+        if self.fallback_lr is not None:
+            check_positive("fallback_lr", self.fallback_lr)
+        self.eta = self.inner_lr if self.fallback_lr is None else self.fallback_lr
         if not isinstance(self.m_growth, (int, float)) or not self.m_growth >= 1:
             raise ValueError(f"m_growth must be a number >= 1, got {self.m_growth!r}")
-        for name in ("window", "reorthogonalize"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.hold_batch is not None and not isinstance(self.hold_batch, bool):
+            raise ValueError(f"hold_batch must be None, True or False, got {self.hold_batch!r}")
+        if self.window is True:
+            raise ValueError(
+                "window=True is now window='sliding' (the authors' variant is window='authors')"
+            )
+        if self.window not in WINDOWS:
+            raise ValueError(f"window must be False, 'sliding' or 'authors', got {self.window!r}")
+        if self.restart_rule not in ("cycle", "modulo"):
+            raise ValueError(f"restart_rule must be 'cycle' or 'modulo', got {self.restart_rule!r}")
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_int("warmup_m_max", self.warmup_m_max, self.m)
+        if not isinstance(self.reorthogonalize, bool):
+            raise ValueError(f"reorthogonalize must be True or False, got {self.reorthogonalize!r}")
 
     def init(self, problem: Problem, x: Tree, y: Tree | None) -> LancBiOState:
         base = super().init(problem, x, y)
@@ -209,11 +259,23 @@ class LancBiO(_Krylov):
 
     def step(self, problem: Problem, x: Tree, state: LancBiOState) -> tuple[Tree, LancBiOState]:
         x = tr.detach(x)
-        y, gx, gy, lin = self._inner_and_upper(problem, x, state)
+        y = self.inner_loop(problem, x, state)
+        gx, gy = problem.grad_upper(x, y, problem.upper_batch())
+        mode = self._mode(state)
+        if self.restart_rule == "modulo":
+            self._grow(state, before=True)
+        restart = self._restart_due(state, mode)
+        batch = problem.lower_batch()  # drawn every step: the stream stays the same either way
+        if self._holds(problem):
+            if restart or state.batch is None:
+                state.batch = batch
+            batch = state.batch
+        lin = problem.linearize_lower(x, y, batch)
         matvec = _flat_hvp(lin, y)
         b, v_prev = tr.flatten(gy), tr.flatten(state.v)
-        if self._restart_due(state):
-            self._restart(state, matvec, b, v_prev)
+        if restart:
+            self._restart(state, matvec, b, v_prev, mode)
+        state.b_prev = b
         r = b - state.frozen
         q = state.basis[-1]
         u = matvec(q)
@@ -223,15 +285,21 @@ class LancBiO(_Krylov):
         if state.cycle > 0:
             state.betas.append(state.beta)
         state.alphas.append(alpha)
-        if self.window:
+        if mode == "sliding":
             self._trim(state, state.m)
+        elif mode == "authors":
+            self._trim(state, max(state.m - 1, 1))
         basis = torch.stack(state.basis)
         off = torch.stack(state.betas) if state.betas else alpha.new_zeros(0)
-        s, positive = projected_solve(torch.stack(state.alphas), off, basis @ r)
+        rhs = basis @ r
+        s, positive = projected_solve(torch.stack(state.alphas), off, rhs)
         candidate = state.anchor + s @ basis
-        ok = positive & torch.isfinite(candidate).all()
-        first = state.cycle == 0 and not self.window
-        fallback = state.anchor + self.fallback_lr * r if first else v_prev
+        scale = torch.stack(state.alphas).abs().max() + 2 * torch.cat([off.abs(), r[:1] * 0]).max()
+        sqrt_eps = torch.finfo(b.dtype).eps ** 0.5
+        bounded = torch.linalg.vector_norm(s) * sqrt_eps * scale <= torch.linalg.vector_norm(rhs)
+        ok = positive & bounded & torch.isfinite(candidate).all()
+        first = state.cycle == 0 and not mode
+        fallback = state.anchor + self.eta * r if first else v_prev
         v = torch.where(ok, candidate, fallback)
         omega = u - alpha * q
         if self.reorthogonalize:
@@ -247,20 +315,37 @@ class LancBiO(_Krylov):
         state.breakdowns = state.breakdowns + breakdown.to(torch.int64)
         state.indefinite = state.indefinite + indefinite.to(torch.int64)
         state.y, state.v = y, tr.unflatten(v, y)
-        self._schedule(state)
+        state.steps += 1
+        if self.restart_rule == "cycle":
+            self._grow(state, before=False)
         state.info = {
             "subspace_dim": len(state.alphas),
             "m": state.m,
             "restarts": state.restarts,
             "breakdowns": state.breakdowns,
             "indefinite": state.indefinite,
+            "anchor_resets": state.anchor_resets,
         }
         return tr.sub(gx, lin.mixed(state.v)), state
 
-    def _restart_due(self, state: LancBiOState) -> bool:
+    def _holds(self, problem: Problem) -> bool:
+        return problem.lower_data is not None if self.hold_batch is None else self.hold_batch
+
+    def _mode(self, state: LancBiOState) -> bool | str:
+        """The variant this step runs: the windowed warm-up phase, then ``window``."""
+        return "authors" if state.steps < self.warmup_steps else self.window
+
+    def _restart_due(self, state: LancBiOState, mode: bool | str) -> bool:
         if state.frozen is None:  # first step
             return True
-        if not self.window and state.cycle >= state.cycle_length:
+        if self.warmup_steps and state.steps == self.warmup_steps:  # the warm-up ends
+            state.m = min(state.m, self.m_max)
+            return True
+        if self.restart_rule == "modulo" and mode != "sliding":
+            k = state.steps + 1
+            if k % state.m == 1 or state.m == 1:
+                return True
+        elif mode != "sliding" and state.cycle >= state.cycle_length:
             return True
         breakdown, indefinite = state.pending.tolist()  # host read: see the class docstring
         if indefinite:
@@ -272,14 +357,28 @@ class LancBiO(_Krylov):
             )
         return breakdown or indefinite
 
-    def _restart(self, state: LancBiOState, matvec, b: Tensor, v: Tensor) -> None:
-        """v̄ ← v, w ← A v̄ (no HVP when v̄ is 0: the first step, window mode); basis [q]."""
-        if self.window or state.frozen is None:
-            state.anchor = v if not self.window else torch.zeros_like(v)
+    def _restart(self, state: LancBiOState, matvec, b: Tensor, v: Tensor, mode) -> None:
+        """v̄ ← v, w ← A v̄ (no HVP when v̄ is 0: the first step, window modes); basis [q]."""
+        start = b
+        if mode == "authors":  # the previous step's b; the authors' uniform vector at first
+            if state.b_prev is None:
+                gen = torch.Generator(device=b.device).manual_seed(0)
+                state.b_prev = torch.rand(b.shape, generator=gen, dtype=b.dtype, device=b.device)
+            start = state.b_prev
+        if mode or state.frozen is None:
+            state.anchor = v if not mode else torch.zeros_like(v)
             state.frozen = torch.zeros_like(v)
         else:
-            state.anchor, state.frozen = v, matvec(v)
-        q, _ = _unit(b - state.frozen)
+            norm = torch.linalg.vector_norm(v)
+            if state.anchor_norm is not None:
+                ref = state.anchor_norm
+                jumped = ~torch.isfinite(norm) | ((ref > 0) & (norm > _JUMP * ref))
+                if bool(jumped):  # host read, once per restart (as the restart decision)
+                    v, norm = torch.zeros_like(v), torch.zeros_like(norm)
+                    state.anchor_resets += 1
+                norm = torch.maximum(ref, norm)
+            state.anchor, state.frozen, state.anchor_norm = v, matvec(v), norm
+        q, _ = _unit(start - state.frozen)
         state.basis, state.alphas, state.betas = [q], [], []
         state.q_prev, state.beta, state.cycle = None, None, 0
         state.cycle_length = state.m
@@ -292,11 +391,16 @@ class LancBiO(_Krylov):
         if extra > 0:
             del state.basis[:extra], state.alphas[:extra], state.betas[:extra]
 
-    def _schedule(self, state: LancBiOState) -> None:
-        """Every m_period steps m ← min(⌈growth·m⌉, m_max) (tolerance: 10·1.1 is 11, not 12)."""
-        state.steps += 1
-        if state.steps % self.m_period == 0:
-            state.m = min(math.ceil(state.m * self.m_growth - 1e-9), self.m_max)
+    def _grow(self, state: LancBiOState, before: bool) -> None:
+        """m ← min(⌈growth·m⌉, cap) (tolerance: 10·1.1 is 11, not 12) after every m_period
+        steps ("cycle"), or before 1-based step k ≡ m_period − 1 (mod m_period) ("modulo");
+        the cap is ``warmup_m_max`` during the warm-up, else ``m_max``."""
+        k = state.steps + 1 if before else state.steps
+        due = k % self.m_period == (self.m_period - 1 if before else 0) % self.m_period
+        if due:
+            index = state.steps if before else state.steps - 1  # the step it belongs to
+            cap = self.warmup_m_max if index < self.warmup_steps else self.m_max
+            state.m = min(math.ceil(state.m * self.m_growth - 1e-9), cap)
 
 
 def _device(tree: Tree) -> torch.device:

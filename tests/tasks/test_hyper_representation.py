@@ -73,3 +73,19 @@ def test_deterministic_given_seed():
         torch.testing.assert_close(a.x0[k], b.x0[k], rtol=0, atol=0)
     ya, yb = a.metadata["splits"]["test"][1], b.metadata["splits"]["test"][1]
     torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+
+
+def test_paper_scale_is_the_authors_notebooks():
+    """N(0,1) data and weights; deep form without biases, reg 0.001; per-method outer lrs."""
+    lin = bl.tasks.make("hyper_representation", kind="linear", scale="paper")
+    inputs, _ = lin.metadata["splits"]["train"]
+    assert abs(float(inputs.std()) - 1) < 0.05 and abs(float(lin.x0["H"].std()) - 1) < 0.05
+    assert lin.metadata["reg"] == 0.1 and lin.metadata["paper_outer_lr"]["hozog"] == 0.1
+    deep = bl.tasks.make("hyper_representation", kind="deep", scale="paper", n=50)
+    assert sorted(deep.x0) == ["0.weight", "2.weight"] and deep.metadata["reg"] == 0.001
+    assert abs(float(deep.x0["0.weight"].std()) - 1) < 0.05
+    normalized = bl.tasks.make("hyper_representation", kind="linear")
+    assert normalized.metadata["scale"] == "normalized"
+    assert float(normalized.x0["H"].std()) < 0.2  # divided by √p
+    with pytest.raises(ValueError, match="scale"):
+        bl.tasks.make("hyper_representation", scale="authors")
