@@ -21,6 +21,7 @@ from bilevel.methods.base import (
     register,
 )
 from bilevel.methods.bda import BDA
+from bilevel.methods.direct import DirectTerm
 from bilevel.methods.es import ESJ, ESJS, HOZOG
 from bilevel.methods.first_order import BOME, F2SA
 from bilevel.methods.implicit import ConjugateGradient, FixedPoint, NeumannSeries
@@ -32,6 +33,7 @@ from bilevel.methods.unrolled import ITD, ForwardMode
 __all__ = [
     "BDA",
     "BOME",
+    "DirectTerm",
     "ESJ",
     "ESJS",
     "F2SA",
