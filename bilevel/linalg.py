@@ -18,6 +18,7 @@ from bilevel.tree import Tree
 
 MatVec = Callable[[Tree], Tree]
 _EPS = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+_TINY = {dtype: torch.finfo(dtype).tiny for dtype in _EPS}
 
 
 @dataclass
@@ -61,11 +62,11 @@ def conjugate_gradient(
         # breakdown guard without a host sync: a direction of (numerically) zero or negative
         # curvature takes no step (A singular or indefinite along p) instead of a huge one
         curved = pap > _EPS[pap.dtype] * tr.dot(p, p)
-        alpha = torch.where(curved, rr / torch.where(curved, pap, torch.ones_like(pap)), 0.0)
+        alpha = torch.where(curved, rr / pap, 0.0)  # the unselected rr / pap may be inf
         x = tr.axpy(alpha, p, x)
         r = tr.axpy(-alpha, ap, r)
         rr_new = tr.dot(r, r)
-        beta = rr_new / torch.where(rr != 0, rr, torch.ones_like(rr))
+        beta = rr_new / rr.clamp_min(_TINY[rr.dtype])  # r = 0 exactly: r stays 0, beta 0
         p = tr.axpy(beta, p, r)
         rr = rr_new
         it += 1

@@ -73,14 +73,14 @@ class LowerLinearization:
     def _pullback(self, oracle: str, v: Tree, inputs: dict[str, Tensor]) -> Tree:
         if self._outputs:
             outputs = [g for _, g in self._outputs]
-            cotangents = [v[k].to(g.dtype) for k, g in self._outputs]
+            cotangents = [_as_dtype(v[k], g.dtype) for k, g in self._outputs]
             grads = torch.autograd.grad(
                 outputs, list(inputs.values()), cotangents, retain_graph=True, allow_unused=True
             )
         else:
             grads = [None] * len(inputs)
         out = {
-            k: torch.zeros_like(t).detach() if g is None else g.to(t.dtype)
+            k: torch.zeros_like(t).detach() if g is None else _as_dtype(g, t.dtype)
             for (k, t), g in zip(inputs.items(), grads, strict=True)
         }
         if inputs is self._x:  # towards the outer variable: through the representation
@@ -93,6 +93,11 @@ class LowerLinearization:
 
 def _as_tree(x: Tree | Tensor) -> Tree:
     return {"z": x} if isinstance(x, Tensor) else x
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` (no dispatch when it already is: products run in tight loops)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _traced(t: Tensor | None) -> bool:

@@ -50,13 +50,19 @@ def scale(a: Tree, s: float | Tensor) -> Tree:
 
 
 def axpy(alpha: float | Tensor, x: Tree, y: Tree) -> Tree:
-    """Return ``alpha * x + y``."""
-    return {k: alpha * x[k] + y[k] for k in x}
+    """Return ``alpha * x + y`` (one fused ``torch.add`` per leaf for a Python-number alpha)."""
+    if isinstance(alpha, Tensor):
+        return {k: alpha * x[k] + y[k] for k in x}
+    return {k: torch.add(y[k], x[k], alpha=alpha) for k in x}
 
 
 def dot(a: Tree, b: Tree) -> Tensor:
     """Inner product summed over all leaves (a 0-dim tensor, no host sync)."""
-    return sum((torch.sum(a[k] * b[k]) for k in a), start=torch.zeros((), **_like(a)))
+    terms = [torch.sum(a[k] * b[k]) for k in a]
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
 
 
 def norm(a: Tree) -> Tensor:
@@ -108,7 +114,3 @@ def all_finite(a: Tree) -> Tensor:
     flags = [torch.isfinite(v).all() for v in a.values()]
     return torch.stack(flags).all()
 
-
-def _like(a: Tree) -> dict:
-    first = next(iter(a.values()))
-    return {"dtype": first.dtype, "device": first.device}

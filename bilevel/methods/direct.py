@@ -33,6 +33,6 @@ class DirectTerm(Method):
         x = tr.detach(x)
         y = run_inner(problem, x, self.inner_start(problem, x, state), self.inner_steps,
                       self.optimizer)  # fmt: skip
-        gx, _ = problem.grad_upper(x, y, problem.upper_batch())
+        gx, _ = problem.grad_upper(x, y, problem.upper_batch(), mode="autograd")
         state.y = tr.detach(y)
         return gx, state

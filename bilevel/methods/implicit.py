@@ -59,7 +59,7 @@ class Implicit(Method):
     def step(self, problem: Problem, x: Tree, state: ImplicitState) -> tuple[Tree, ImplicitState]:
         x = tr.detach(x)
         y = self.inner_loop(problem, x, state)
-        gx, gy = problem.grad_upper(x, y, problem.upper_batch())
+        gx, gy = problem.grad_upper(x, y, problem.upper_batch(), mode="autograd")
         # one linearisation of ∇_y g serves every HVP of the solve and the mixed product
         lin = problem.linearize_lower(x, y, problem.lower_batch())
         v0 = state.v if self.warm_start else None

@@ -59,7 +59,7 @@ class _Krylov(Method):
         """(y after the inner steps, ∇_x f, ∇_y f, ∇_y g linearised at this step's lower batch:
         every product of the step is a pullback through it)."""
         y = self.inner_loop(problem, x, state)
-        gx, gy = problem.grad_upper(x, y, problem.upper_batch())
+        gx, gy = problem.grad_upper(x, y, problem.upper_batch(), mode="autograd")
         return y, gx, gy, problem.linearize_lower(x, y, problem.lower_batch())
 
 
@@ -260,7 +260,7 @@ class LancBiO(_Krylov):
     def step(self, problem: Problem, x: Tree, state: LancBiOState) -> tuple[Tree, LancBiOState]:
         x = tr.detach(x)
         y = self.inner_loop(problem, x, state)
-        gx, gy = problem.grad_upper(x, y, problem.upper_batch())
+        gx, gy = problem.grad_upper(x, y, problem.upper_batch(), mode="autograd")
         mode = self._mode(state)
         if self.restart_rule == "modulo":
             self._grow(state, before=True)

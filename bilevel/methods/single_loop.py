@@ -82,7 +82,7 @@ class SOBA(Method):
     def step(self, problem: Problem, x: Tree, state: ImplicitState) -> tuple[Tree, ImplicitState]:
         x = tr.detach(x)
         y, v = state.y, state.v
-        gx, gy = problem.grad_upper(x, y, problem.upper_batch())
+        gx, gy = problem.grad_upper(x, y, problem.upper_batch(), mode="autograd")
         if problem.lower_data is None:  # one batch for both products: one linearisation
             lin = problem.linearize_lower(x, y, problem.lower_batch())
             hvp, mixed = lin.hvp(v), lin.mixed(v)
