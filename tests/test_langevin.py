@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import bilevel as bl
+from bilevel.methods.langevin import chain_average
 from bilevel.tasks.quadratic import lower_loss, quadratic, quadratic_data, upper_loss
 
 from helpers import relative_error
@@ -276,6 +277,69 @@ def test_two_minima_sgld_weights_both_modes_deterministic_methods_pick_one():
         assert abs(float(hg["x"]) - exact_grad) < 0.15 * abs(exact_grad)
     # a deterministic method's local answer: F = f(±1) = 0 or 2, the Gibbs average between
     assert 0.5 < expected_f < 1.5
+
+
+# ----------------------------------------------------------------- temperature rule, chain average
+def test_temperature_from_the_data_size():
+    """τ = 1/N from ``data_size`` (the posterior of a mean loss over N samples) when no
+    ``temperature`` is given: the same chains as ``temperature=1/N``, and a spread
+    that follows τ; an explicit temperature wins; the default stays 1e-3."""
+    assert bl.method("sgld").tau == 1e-3
+    assert bl.method("sgld", data_size=400).tau == 1 / 400
+    assert bl.method("sgld", data_size=400, temperature=0.5).tau == 0.5
+    task = quadratic(dim_x=3, dim_y=5)
+    runs = {}
+    for name, options in {"rule": {"data_size": 4}, "explicit": {"temperature": 0.25},
+                          "colder": {"data_size": 400}}.items():  # fmt: skip
+        method = bl.method("sgld", inner_lr=0.1, chains=256, burn_in=100, inner_steps=1,
+                           seed=3, **options)  # fmt: skip
+        state = method.init(task.problem, task.x0, task.y0)
+        runs[name] = method.step(task.problem, task.x0, state)[1].chains["y"]
+    assert torch.equal(runs["rule"], runs["explicit"])
+    spread = {k: float(v.var(0).mean()) for k, v in runs.items()}
+    # g is quadratic in y and the noise is the same draw, scaled by sqrt(2ητ): variance ∝ τ
+    assert 99 < spread["rule"] / spread["colder"] < 101
+    with pytest.raises(ValueError, match="data_size"):
+        bl.method("sgld", data_size=0)
+
+
+def test_keep_samples_and_chain_average():
+    """``state.samples`` holds the last ``keep_samples`` used chain states; their mean is
+    ``state.y`` when they are all of this step's samples; ``chain_average`` is the mean of a
+    prediction over them, which for a non-linear prediction is not the prediction at
+    ``state.y`` (E[y²] − (E y)² = Var y > 0)."""
+    task = quadratic(dim_x=3, dim_y=5)
+    options = {"temperature": 0.1, "inner_lr": 0.1, "chains": 3, "inner_steps": 4, "seed": 0}
+    method = bl.method("sgld", keep_samples=12, **options)
+    state = method.init(task.problem, task.x0, task.y0)
+    _, state = method.step(task.problem, task.x0, state)
+    samples = state.samples["y"]
+    assert samples.shape == (12, 5)
+    torch.testing.assert_close(samples.mean(0), state.y["y"])
+    average = chain_average(lambda y: y["y"] ** 2, state.samples)
+    torch.testing.assert_close(average, (samples**2).mean(0))
+    assert bool(torch.all(average > state.y["y"] ** 2))
+    torch.testing.assert_close(chain_average(lambda y: 2 * y["y"], state.samples), 2 * state.y["y"])
+    # persistent chains: the window slides over outer steps and keeps the newest samples
+    kept = {}
+    for keep in (5, 24):
+        window = bl.method("sgld", keep_samples=keep, **options)
+        state = window.init(task.problem, task.x0, task.y0)
+        for _ in range(2):
+            _, state = window.step(task.problem, task.x0, state)
+        kept[keep] = state.samples["y"]
+    assert kept[5].shape == (5, 5) and kept[24].shape == (24, 5)
+    assert torch.equal(kept[24][:12], samples)  # the first outer step's samples, in order
+    assert torch.equal(kept[5], kept[24][-5:])
+    # restarted chains (warm_start=False) start a new window every outer step
+    cold = bl.method("sgld", keep_samples=100, warm_start=False, **options)
+    state = cold.init(task.problem, task.x0, task.y0)
+    for _ in range(2):
+        _, state = cold.step(task.problem, task.x0, state)
+    assert state.samples["y"].shape == (12, 5)
+    assert bl.method("sgld", **options).init(task.problem, task.x0, task.y0).samples is None
+    with pytest.raises(ValueError, match="keep_samples"):
+        bl.method("sgld", keep_samples=-1)
 
 
 # ----------------------------------------------------------------- reproducibility, options

@@ -35,6 +35,7 @@ from bilevel.problem import Problem
 from bilevel.tree import Tree
 
 ESTIMATORS = ("forward", "diagonal", "covariance")
+DEFAULT_TEMPERATURE = 1e-3  # τ when neither ``temperature`` nor ``data_size`` is given
 CURVATURE_EMA = 0.1  # weight of a new Hutchinson sample in the diagonal-Hessian running mean
 
 
@@ -43,9 +44,12 @@ class LangevinState(MethodState):
     """Adds the persistent chains (leading dimension = ``chains``), the estimator's recurrent
     variable (``forward``: the adjoint q, shaped like y; ``diagonal``: the diagonal Jacobian d,
     shaped like x), the diagonal-Hessian estimate (``diagonal``), and what the noise is derived
-    from: ``noise_seed`` and the outer-step counter, so a resumed run draws the same noise."""
+    from: ``noise_seed`` and the outer-step counter, so a resumed run draws the same noise.
+    ``samples`` holds the last ``keep_samples`` used chain states (leading dimension = samples),
+    for predictions averaged over the chain (:func:`chain_average`)."""
 
     chains: Tree | None = None
+    samples: Tree | None = None
     carry: Tree | None = None
     curvature: Tree | None = None
     noise_seed: int = 0
@@ -75,6 +79,11 @@ class SGLD(Method):
         the reference (its only bias is the chain's discretization).
     ``seed``: the noise seed; ``None`` draws it from torch's global RNG at ``init`` (so
     ``bl.solve(seed=...)`` varies it).
+    ``temperature``: τ; when it is ``None`` and ``data_size`` N (the number of samples the lower
+    loss averages) is given, τ = 1/N — the Bayesian posterior exp(−N·g) of a mean loss — else
+    ``DEFAULT_TEMPERATURE`` (1e-3). An explicit ``temperature`` wins over ``data_size``.
+    ``keep_samples``: keep the last that many used chain states (over outer steps while the
+    chains persist) in ``state.samples``, for :func:`chain_average` (0: keep none).
     Oracles per chain step and chain: 1 inner gradient (``diagonal``: 1 JVP instead), and per
     used step: ``forward`` 1 upper gradient, and the inner gradient replaced by one
     linearisation whose pullbacks give 1 HVP and 1 mixed product together (``hessian=False``:
@@ -85,7 +94,9 @@ class SGLD(Method):
 
     inner_optimizer: str | InnerOptimizer = field(default="gd", init=False)
     RENAMED = {"step_size": "inner_lr"}
-    temperature: float = 1e-3
+    temperature: float | None = None
+    data_size: int | None = None
+    keep_samples: int = 0
     burn_in: int = 0
     thin: int = 1
     chains: int = 1
@@ -97,7 +108,11 @@ class SGLD(Method):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("inner_steps", self.inner_steps, 1)
-        check_positive("temperature", self.temperature)
+        if self.temperature is not None:
+            check_positive("temperature", self.temperature)
+        if self.data_size is not None:
+            check_int("data_size", self.data_size, 1)
+        check_int("keep_samples", self.keep_samples, 0)
         check_int("burn_in", self.burn_in, 0)
         check_int("thin", self.thin, 1)
         check_int("chains", self.chains, 1)
@@ -123,6 +138,15 @@ class SGLD(Method):
     @property
     def eta(self) -> float:
         return self.inner_lr
+
+    @property
+    def tau(self) -> float:
+        """The temperature used: ``temperature``, else 1/``data_size``, else the default."""
+        if self.temperature is not None:
+            return self.temperature
+        if self.data_size is not None:
+            return 1.0 / self.data_size
+        return DEFAULT_TEMPERATURE
 
     def _recorded(self) -> int:
         """Used (recorded) steps per chain and outer step."""
@@ -160,7 +184,8 @@ class SGLD(Method):
         chains, carry = self._start(problem, x, state)
         curvature = state.curvature if carried else None
         gen = _generator(state.noise_seed, state.outer_step, next(iter(x.values())).device)
-        noise_scale = math.sqrt(2 * self.eta * self.temperature)
+        noise_scale = math.sqrt(2 * self.eta * self.tau)
+        samples = state.samples if carried else None
         sums = _Sums(self.estimator)
         y_sum = tr.zeros_like(chains)
         for k in range(self.burn_in + self.inner_steps):
@@ -180,16 +205,19 @@ class SGLD(Method):
                 if "value" in out:
                     sums.add_covariance(out["value"], out["grad_x_lower"])
                 y_sum = tr.add(y_sum, chains)
+                if self.keep_samples:
+                    samples = _keep_last(samples, chains, self.keep_samples)
             noise = tr.randn_like(chains, generator=gen)
             chains = {
                 key: value - self.eta * out["grad_y"][key] + noise_scale * noise[key]
                 for key, value in chains.items()
             }
-        hg = sums.estimate(self.temperature)
+        hg = sums.estimate(self.tau)
         problem.watch("lower_grad", chains)
         problem.watch("upper_grad", hg)
         state.y = {key: value.sum(0) / sums.n for key, value in y_sum.items()}
         state.chains, state.carry, state.curvature = chains, carry, curvature
+        state.samples = samples
         state.outer_step += 1
         return hg, state
 
@@ -346,6 +374,28 @@ class _Sums:
             return mean
         scale = 1.0 / ((self.cov_n - 1) * temperature)
         return {k: mean[k] - scale * self.comoment[k] for k in mean}
+
+
+def _keep_last(samples: Tree | None, chains: Tree, keep: int) -> Tree:
+    """Append this step's chain states (detached) to the kept samples, dropping the oldest
+    beyond ``keep``."""
+    fresh = tr.detach(chains)
+    if samples is None:
+        return {k: v[-keep:] for k, v in fresh.items()}
+    return {k: torch.cat([samples[k], fresh[k]])[-keep:] for k in fresh}
+
+
+def chain_average(predict: Callable[[Tree], Tensor], samples: Tree) -> Tensor:
+    """The mean of ``predict(y)`` over the kept chain samples (``state.samples`` with
+    ``keep_samples``): the Monte-Carlo posterior predictive E_y[predict(y)], which for a
+    non-linear model differs from ``predict`` at the mean weights ``state.y``. For a classifier,
+    average probabilities (``predict`` returning softmax outputs), not logits."""
+    count = next(iter(samples.values())).shape[0]
+    total = None
+    for i in range(count):  # one sample at a time: memory of one prediction, not of all
+        out = predict({k: v[i] for k, v in samples.items()})
+        total = out if total is None else total + out
+    return total / count
 
 
 def _generator(seed: int, step: int, device: torch.device) -> torch.Generator:
