@@ -2,15 +2,16 @@
 
 ``form="feature"`` — meta-feature learning (Franceschi, Frasconi, Salzo, Grazzi, Pontil,
 "Bilevel Programming for Hyperparameter Optimization and Meta-Learning", ICML 2018): x is a
-conv-4 feature extractor shared by all tasks, y the per-task linear heads, re-initialised at zero
-every outer step; the inner problem is L2-regularised support cross-entropy, the outer one query
+feature extractor shared by all tasks (``backbone``: conv-4, or the ResNet-12 of
+:mod:`bilevel.tasks.resnet12`), y the per-task linear heads, re-initialised at zero every outer
+step; the inner problem is L2-regularised support cross-entropy, the outer one query
 cross-entropy. This is the setting of ESJ (Sow, Ji, Liang, arXiv 2110.07004) and BDA (Liu et al.,
 ICML 2020).
 
 ``form="maml"`` — MAML (Finn, Abbeel, Levine, "Model-Agnostic Meta-Learning for Fast Adaptation
-of Deep Networks", ICML 2017): x is the initialisation of a conv-4 classifier, y per-task copies
-of its weights started at x (``init_lower``), adapted on the support set; the outer loss is the
-query cross-entropy of the adapted weights.
+of Deep Networks", ICML 2017): x is the initialisation of a classifier (the backbone then a
+linear layer), y per-task copies of its weights started at x (``init_lower``), adapted on the
+support set; the outer loss is the query cross-entropy of the adapted weights.
 
 Data: any ``ROOT/<Alphabet>/<character>/*.png`` folder (real Omniglot when the user has it),
 by default the font-rendered glyph set of :mod:`bilevel.data.glyphs`. Whole alphabets are split
@@ -42,9 +43,11 @@ from bilevel.modules import functional, params
 from bilevel.problem import Problem
 from bilevel.solve import StepContext
 from bilevel.tasks.base import Task, register_task, solver_defaults
+from bilevel.tasks.resnet12 import WIDTHS, check_widths, resnet12
 from bilevel.tree import Tree
 
 FORMS = ("feature", "maml")
+BACKBONES = ("conv4", "resnet12")
 SPLITS = ("train", "val", "test")
 EVAL_CHUNK = 20  # episodes per batched forward pass in evaluation
 
@@ -79,8 +82,38 @@ def feature_size(hidden: int, image_size: int) -> int:
     for _ in range(4):
         side //= 2
     if side < 1:
-        raise ValueError(f"image_size must be >= 16 for conv-4's four poolings, got {image_size}")
+        raise ValueError(
+            f"image_size must be >= 16 for the backbone's four poolings, got {image_size}"
+        )
     return hidden * side * side
+
+
+def backbone_factory(
+    backbone: str, hidden: int | None, widths: tuple[int, ...] | None, image_size: int
+) -> tuple[Callable[[], nn.Sequential], int, dict[str, object]]:
+    """Check the backbone's options and return its constructor, its feature length and the
+    resolved options: conv-4 of ``hidden`` channels (default 32) or ResNet-12 of ``widths``
+    channels (default 64-160-320-640). Each option belongs to one backbone; given to the
+    other, it is an error rather than silently ignored."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
+    if backbone == "conv4":
+        if widths is not None:
+            raise ValueError(
+                "widths sets ResNet-12's channels (backbone='resnet12'); conv-4's is hidden"
+            )
+        hidden = 32 if hidden is None else hidden
+        if not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"hidden must be a positive integer, got {hidden!r}")
+        d = feature_size(hidden, image_size)
+        return (lambda: conv4(hidden)), d, {"hidden": hidden, "widths": None}
+    if hidden is not None:
+        raise ValueError(
+            "hidden sets conv-4's width (backbone='conv4'); ResNet-12's channels are widths"
+        )
+    widths = WIDTHS if widths is None else check_widths(widths)
+    feature_size(1, image_size)  # the same four poolings: >= 16 px
+    return (lambda: resnet12(widths=widths)), widths[-1], {"hidden": None, "widths": widths}
 
 
 class EpisodeStream:
@@ -312,7 +345,8 @@ def few_shot(
     n_query: int = 15,
     meta_batch: int = 4,
     backbone: str = "conv4",
-    hidden: int = 32,
+    hidden: int | None = None,
+    widths: tuple[int, int, int, int] | None = None,
     head_l2: float = 0.5,
     n_alphabets: int = 20,
     n_characters: int = 20,
@@ -337,10 +371,9 @@ def few_shot(
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
-    if backbone != "conv4":
-        raise ValueError(f"backbone must be 'conv4' (the only one implemented), got {backbone!r}")
-    if meta_batch < 1 or hidden < 1 or eval_episodes < 2 or head_l2 < 0:
-        raise ValueError("need meta_batch >= 1, hidden >= 1, eval_episodes >= 2, head_l2 >= 0")
+    make_features, d, sizes = backbone_factory(backbone, hidden, widths, image_size)
+    if meta_batch < 1 or eval_episodes < 2 or head_l2 < 0:
+        raise ValueError("need meta_batch >= 1, eval_episodes >= 2, head_l2 >= 0")
     if root is None:
         root = glyph_dataset(
             n_alphabets=n_alphabets,
@@ -354,10 +387,9 @@ def few_shot(
         raise ValueError(f"split_sizes needs 3 entries (train, val, test), got {split_sizes!r}")
     parts = split_classes(data.alphabet_of_class, split_sizes, seed=data_seed)
     splits = dict(zip(SPLITS, parts, strict=True))
-    d = feature_size(hidden, image_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        features = conv4(hidden)
+        features = make_features()
         if form == "maml":
             classifier = nn.Linear(d, n_way)
             model = nn.Sequential(OrderedDict(features=features, classifier=classifier))
@@ -425,7 +457,8 @@ def few_shot(
             "n_query": n_query,
             "meta_batch": meta_batch,
             "backbone": backbone,
-            "hidden": hidden,
+            **sizes,
+            "backbone_parameters": sum(p.numel() for p in features.parameters()),
             "head_l2": head_l2,
             "image_size": image_size,
             "classes": {s: len(splits[s]) for s in SPLITS},
