@@ -172,3 +172,30 @@ def test_cg_hypergradient_equals_finite_differences(root: Path) -> None:
         u = tr.randn_like(task.x0, generator=gen)
         fd = (outer(tr.axpy(eps, u, task.x0)) - outer(tr.axpy(-eps, u, task.x0))) / (2 * eps)
         assert abs(float(tr.dot(hg, u)) - fd) <= 1e-7 * abs(fd), (float(tr.dot(hg, u)), fd)
+
+
+@pytest.mark.parametrize("image_size", [16, 32])
+def test_default_inner_step_is_one_over_the_head_curvature(root: Path, image_size: int) -> None:
+    """The 640 features make the head problem stiff (L in the hundreds, depending on the images):
+    the task's ResNet-12 inner_lr is 1/L of its first support set at x0 (one significant digit),
+    so inner_lr·L ≈ 1 where conv-4's constant 0.1 would be far above 2. L is measured here
+    independently, by power iteration on the task's own lower loss (with its head_l2)."""
+    task = _task(root, widths=None, meta_batch=1, image_size=image_size)
+    setup = task.metadata["setup"]
+    batch = next(iter(task.problem.task_data))
+    support = setup.features(task.x0, batch.support_x)
+
+    def lower_grad(h: dict) -> dict:
+        return grad(lambda h_: setup.head_loss(support, batch.support_y, h_))(h)
+
+    y = setup.zero_heads(task.x0, 1)
+    v = tr.randn_like(y, generator=torch.Generator().manual_seed(1))
+    for _ in range(50):  # power iteration on the lower Hessian at the zero heads
+        hv = torch.func.jvp(lower_grad, (y,), (v,))[1]
+        curvature, v = float(tr.norm(hv) / tr.norm(v)), tr.scale(hv, 1 / tr.norm(hv))
+    lr = task.method_options("itd")["inner_lr"]
+    assert 0.6 < lr * curvature < 1.6 and 0.1 * curvature > 2, (lr, curvature)
+    assert lr == setup.inner_lr == _task(root, form="maml", widths=None, meta_batch=1,
+                                         image_size=image_size).metadata["setup"].inner_lr
+    assert task.metadata["head_curvature"] == pytest.approx(curvature, rel=1e-4)
+    assert _task(root, backbone="conv4", widths=None).method_options("itd")["inner_lr"] == 0.1
