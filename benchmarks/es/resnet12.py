@@ -97,6 +97,7 @@ def run_one(run: dict[str, Any]) -> dict[str, Any]:
         "n_query": run["n_query"],
         "meta_batch": run["meta_batch"],
         "backbone_parameters": task.metadata["backbone_parameters"],
+        "head_curvature": task.metadata["head_curvature"],  # L at x0; inner_lr = 1/L
         "memory": "cuda max allocated" if device.startswith("cuda") else "peak RSS",
         "baseline_memory_mb": round(peak_memory_mb(task.x0), 1),
     }
