@@ -2,15 +2,16 @@
 
 ``form="feature"`` — meta-feature learning (Franceschi, Frasconi, Salzo, Grazzi, Pontil,
 "Bilevel Programming for Hyperparameter Optimization and Meta-Learning", ICML 2018): x is a
-conv-4 feature extractor shared by all tasks, y the per-task linear heads, re-initialised at zero
-every outer step; the inner problem is L2-regularised support cross-entropy, the outer one query
+feature extractor shared by all tasks (``backbone``: conv-4, or the ResNet-12 of
+:mod:`bilevel.tasks.resnet12`), y the per-task linear heads, re-initialised at zero every outer
+step; the inner problem is L2-regularised support cross-entropy, the outer one query
 cross-entropy. This is the setting of ESJ (Sow, Ji, Liang, arXiv 2110.07004) and BDA (Liu et al.,
 ICML 2020).
 
 ``form="maml"`` — MAML (Finn, Abbeel, Levine, "Model-Agnostic Meta-Learning for Fast Adaptation
-of Deep Networks", ICML 2017): x is the initialisation of a conv-4 classifier, y per-task copies
-of its weights started at x (``init_lower``), adapted on the support set; the outer loss is the
-query cross-entropy of the adapted weights.
+of Deep Networks", ICML 2017): x is the initialisation of a classifier (the backbone then a
+linear layer), y per-task copies of its weights started at x (``init_lower``), adapted on the
+support set; the outer loss is the query cross-entropy of the adapted weights.
 
 Data: any ``ROOT/<Alphabet>/<character>/*.png`` folder (real Omniglot when the user has it),
 by default the font-rendered glyph set of :mod:`bilevel.data.glyphs`. Whole alphabets are split
@@ -42,9 +43,11 @@ from bilevel.modules import functional, params
 from bilevel.problem import Problem
 from bilevel.solve import StepContext
 from bilevel.tasks.base import Task, register_task, solver_defaults
+from bilevel.tasks.resnet12 import WIDTHS, check_widths, resnet12
 from bilevel.tree import Tree
 
 FORMS = ("feature", "maml")
+BACKBONES = ("conv4", "resnet12")
 SPLITS = ("train", "val", "test")
 EVAL_CHUNK = 20  # episodes per batched forward pass in evaluation
 
@@ -79,8 +82,38 @@ def feature_size(hidden: int, image_size: int) -> int:
     for _ in range(4):
         side //= 2
     if side < 1:
-        raise ValueError(f"image_size must be >= 16 for conv-4's four poolings, got {image_size}")
+        raise ValueError(
+            f"image_size must be >= 16 for the backbone's four poolings, got {image_size}"
+        )
     return hidden * side * side
+
+
+def backbone_factory(
+    backbone: str, hidden: int | None, widths: tuple[int, ...] | None, image_size: int
+) -> tuple[Callable[[], nn.Sequential], int, dict[str, object]]:
+    """Check the backbone's options and return its constructor, its feature length and the
+    resolved options: conv-4 of ``hidden`` channels (default 32) or ResNet-12 of ``widths``
+    channels (default 64-160-320-640). Each option belongs to one backbone; given to the
+    other, it is an error rather than silently ignored."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {backbone!r}")
+    if backbone == "conv4":
+        if widths is not None:
+            raise ValueError(
+                "widths sets ResNet-12's channels (backbone='resnet12'); conv-4's is hidden"
+            )
+        hidden = 32 if hidden is None else hidden
+        if not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"hidden must be a positive integer, got {hidden!r}")
+        d = feature_size(hidden, image_size)
+        return (lambda: conv4(hidden)), d, {"hidden": hidden, "widths": None}
+    if hidden is not None:
+        raise ValueError(
+            "hidden sets conv-4's width (backbone='conv4'); ResNet-12's channels are widths"
+        )
+    widths = WIDTHS if widths is None else check_widths(widths)
+    feature_size(1, image_size)  # the same four poolings: >= 16 px
+    return (lambda: resnet12(widths=widths)), widths[-1], {"hidden": None, "widths": widths}
 
 
 class EpisodeStream:
@@ -129,6 +162,29 @@ def _descend(loss: Callable[[Tree], Tensor], y: Tree, steps: int, lr: float) -> 
     for _ in range(steps):
         y = tr.axpy(-lr, grad(loss)(y), y)
     return y
+
+
+def head_curvature(feats: Tensor, labels: Tensor, n_way: int, iterations: int = 30) -> float:
+    """Largest eigenvalue of the Hessian of Σ_tasks mean support CE of linear heads on
+    ``feats`` [tasks, n, d], at zero heads (uniform predictions, where the CE curvature peaks),
+    by power iteration. ResNet-12's 640 features make it a few hundred, conv-4's about 9, so
+    the ResNet-12 default inner step is 1/L (one significant digit) instead of a constant."""
+
+    def loss(head: Tree) -> Tensor:
+        logits = _head_logits(feats, head)
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+        return ce.view(labels.shape).mean(1).sum()
+
+    tasks, _, d = feats.shape
+    zero = {"weight": feats.new_zeros(tasks, n_way, d), "bias": feats.new_zeros(tasks, n_way)}
+    gen = torch.Generator(device=feats.device).manual_seed(0)
+    v = tr.randn_like(zero, generator=gen)
+    curvature = torch.zeros((), dtype=feats.dtype, device=feats.device)
+    for _ in range(iterations):
+        hv = torch.func.jvp(grad(loss), (zero,), (v,))[1]
+        curvature = tr.norm(hv) / tr.norm(v)
+        v = tr.scale(hv, 1 / tr.norm(hv))
+    return float(curvature)
 
 
 def _stack(tree: Tree, n: int) -> Tree:
@@ -312,7 +368,8 @@ def few_shot(
     n_query: int = 15,
     meta_batch: int = 4,
     backbone: str = "conv4",
-    hidden: int = 32,
+    hidden: int | None = None,
+    widths: tuple[int, int, int, int] | None = None,
     head_l2: float = 0.5,
     n_alphabets: int = 20,
     n_characters: int = 20,
@@ -337,10 +394,9 @@ def few_shot(
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
-    if backbone != "conv4":
-        raise ValueError(f"backbone must be 'conv4' (the only one implemented), got {backbone!r}")
-    if meta_batch < 1 or hidden < 1 or eval_episodes < 2 or head_l2 < 0:
-        raise ValueError("need meta_batch >= 1, hidden >= 1, eval_episodes >= 2, head_l2 >= 0")
+    make_features, d, sizes = backbone_factory(backbone, hidden, widths, image_size)
+    if meta_batch < 1 or eval_episodes < 2 or head_l2 < 0:
+        raise ValueError("need meta_batch >= 1, eval_episodes >= 2, head_l2 >= 0")
     if root is None:
         root = glyph_dataset(
             n_alphabets=n_alphabets,
@@ -354,17 +410,16 @@ def few_shot(
         raise ValueError(f"split_sizes needs 3 entries (train, val, test), got {split_sizes!r}")
     parts = split_classes(data.alphabet_of_class, split_sizes, seed=data_seed)
     splits = dict(zip(SPLITS, parts, strict=True))
-    d = feature_size(hidden, image_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        features = conv4(hidden)
+        features = make_features()
         if form == "maml":
             classifier = nn.Linear(d, n_way)
             model = nn.Sequential(OrderedDict(features=features, classifier=classifier))
         else:
             model = features
     model = model.to(dtype=dtype, device=device)
-    defaults = METHOD_DEFAULTS[form]
+    defaults = dict(METHOD_DEFAULTS[form])
     setup = FewShotSetup(
         form=form,
         model=model,
@@ -390,6 +445,14 @@ def few_shot(
                 "characters or drawings)"
             ) from err
     stream = EpisodeStream(lambda s: setup.sampler("train", s), meta_batch, seed, dtype)
+    curvature = None
+    if backbone == "resnet12":  # a step scaled to the stiffer head problem (head_curvature)
+        backbone_net = model if form == "feature" else model.features
+        apply, weights, first = functional(backbone_net), params(backbone_net), next(iter(stream))
+        with torch.no_grad():
+            feats = vmap(lambda images: apply(weights, images))(first.support_x)
+        curvature = head_curvature(feats, first.support_y, n_way) + head_l2
+        defaults["inner_lr"] = setup.inner_lr = float(f"{1 / curvature:.1g}")
     if form == "feature":
         losses = {
             "upper": setup.head_upper,
@@ -425,7 +488,9 @@ def few_shot(
             "n_query": n_query,
             "meta_batch": meta_batch,
             "backbone": backbone,
-            "hidden": hidden,
+            **sizes,
+            "backbone_parameters": sum(p.numel() for p in features.parameters()),
+            "head_curvature": curvature,
             "head_l2": head_l2,
             "image_size": image_size,
             "classes": {s: len(splits[s]) for s in SPLITS},
