@@ -22,7 +22,8 @@ import torch  # noqa: E402
 
 from bilevel.bench import collect, metric_names  # noqa: E402
 
-GRADIENTS = ("lower_grad", "upper_grad", "lower_grad_x")
+# linearize is one pass of ∇_y g that keeps its graph for the products (AID, Krylov)
+GRADIENTS = ("lower_grad", "upper_grad", "lower_grad_x", "linearize")
 SECOND_ORDER = ("hvp", "mixed", "jvp", "upper_hvp", "upper_mixed")
 EVALUATIONS = ("lower_eval", "upper_eval")
 LOG_SCALE = ("loss", "error", "distance")
