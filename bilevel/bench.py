@@ -534,7 +534,7 @@ def total_oracles(row: dict[str, Any]) -> int:
 
 def metric_names(runs: dict[str, list[list[dict[str, Any]]]]) -> list[str]:
     """Numeric task metrics present in the rows (besides the bookkeeping columns)."""
-    skip = {"step", "seconds", "oracles", "peak_memory_mb"}
+    skip = {"step", "seconds", "cpu_seconds", "oracles", "peak_memory_mb"}
     names: list[str] = []
     for histories in runs.values():
         for rows in histories:

@@ -269,7 +269,8 @@ def solve(
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():
         start, state, history = _load(path, problem, point, optimizer, lr_scheduler, state)
-    elapsed = history[-1]["seconds"] if history else 0.0
+    elapsed = history[-1]["seconds"] if history else 0.0  # wall seconds of the method steps
+    cpu_elapsed = history[-1].get("cpu_seconds", 0.0) if history else 0.0  # their CPU seconds
     # the logged upper loss uses the first upper batch (fixed, so rows compare), else the
     # step's task batch
     fixed_batch = None if problem.upper_data is None else next(iter(problem.upper_data))
@@ -282,7 +283,7 @@ def solve(
         # the point hg is estimated at, kept for callbacks (a budget may end any step); copied
         # before the timer starts because it is bookkeeping, not the method's work
         hg_x = tr.clone(point) if logged or time_budget is not None else point
-        tick = time.perf_counter()
+        tick, cpu_tick = time.perf_counter(), time.process_time()
         hg, state = outer_step(problem, method, point, state, step)
         for k, p in params.items():
             p.grad = hg[k].to(p.dtype)
@@ -300,6 +301,7 @@ def solve(
                 )
         _synchronize(point)
         elapsed += time.perf_counter() - tick
+        cpu_elapsed += time.process_time() - cpu_tick
         out_of_time = time_budget is not None and elapsed >= time_budget
         logged = logged or out_of_time
         if logged:
@@ -309,6 +311,7 @@ def solve(
             row: dict[str, Any] = {
                 "step": done,
                 "seconds": elapsed,
+                "cpu_seconds": cpu_elapsed,
                 "oracles": dict(problem.counts - base_counts),
                 "upper_loss": float(upper),
                 "peak_memory_mb": peak_memory_mb(point),

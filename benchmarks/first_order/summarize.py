@@ -56,7 +56,8 @@ def table(runs: dict[str, list[list[dict]]], at_step: int | None) -> str:
     """Median [IQR] over seeds at the last logged row (or the last row at or before
     ``at_step``)."""
     metrics = metric_names(runs)
-    columns = ["steps", "seconds", *metrics, "gradient calls", "2nd-order calls", "evaluations"]
+    columns = ["steps", "seconds", "cpu_seconds", *metrics,
+               "gradient calls", "2nd-order calls", "evaluations"]  # fmt: skip
     lines = ["| method | seeds | " + " | ".join(columns) + " |",
              "|---|---|" + "---|" * len(columns)]  # fmt: skip
     for label, histories in runs.items():
@@ -88,7 +89,7 @@ def plot(runs: dict[str, list[list[dict]]], setting: Path) -> list[Path]:
     axes_of = (("outer steps", lambda r: r["step"]),
                ("gradient-oracle calls (first order)", lambda r: calls(r, GRADIENTS)),
                ("all oracle calls (an HVP counts one)", lambda r: sum(r["oracles"].values())),
-               ("CPU seconds (evaluation excluded)", lambda r: r["seconds"]))  # fmt: skip
+               ("CPU seconds (evaluation excluded)", lambda r: r["cpu_seconds"]))  # fmt: skip
     paths = []
     for metric in metric_names(runs):
         fig, axes = plt.subplots(1, 4, figsize=(20, 4), constrained_layout=True)
