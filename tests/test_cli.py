@@ -118,8 +118,8 @@ def test_killed_run_resumes_without_losing_rows_and_ends_bit_exact(tmp_path):
     assert [r["step"] for r in resumed] == list(range(1, 81))
 
     def strip(rows):
-        return [{k: v for k, v in r.items() if k not in ("seconds", "cpu_seconds", "peak_memory_mb")}
-                for r in rows]  # fmt: skip
+        measured = ("seconds", "cpu_seconds", "peak_memory_mb")
+        return [{k: v for k, v in r.items() if k not in measured} for r in rows]
 
     assert strip(resumed) == strip(full)
     x_full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["x"]

@@ -25,7 +25,8 @@ def test_solve_decreases_the_outer_objective_and_logs():
     )
     assert float(data.value(result.x)) < float(data.value(task.x0))
     last = result.history[-1]
-    assert set(last) >= {"step", "seconds", "cpu_seconds", "oracles", "upper_loss", "hypergrad_error"}
+    keys = {"step", "seconds", "cpu_seconds", "oracles", "upper_loss", "hypergrad_error"}
+    assert set(last) >= keys
     assert last["step"] == 60 and last["hypergrad_error"] < 1e-3
     seconds = [row["seconds"] for row in result.history]
     assert seconds == sorted(seconds)
