@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from bilevel import distributed
 from bilevel import tree as tr
 from bilevel.checks import check_int, check_positive
-from bilevel.methods.base import Method, MethodState
+from bilevel.methods.base import Method, MethodState, info_row
 from bilevel.methods.base import method as make_method
 from bilevel.problem import Problem, validate
 from bilevel.tree import Tree
@@ -197,6 +197,7 @@ def solve(
                 "oracles": dict(problem.counts - base_counts),
                 "upper_loss": float(upper),
                 "peak_memory_mb": peak_memory_mb(params),
+                **info_row(state),
             }
             for callback in callbacks:
                 row.update(callback(StepContext(done, params, state, hg, hg_x)) or {})

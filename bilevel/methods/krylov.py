@@ -31,7 +31,13 @@ from bilevel.inner import run_inner
 from bilevel.linalg import projected_solve
 from bilevel.linearization import LowerLinearization
 from bilevel.methods.base import Method, register
-from bilevel.methods.implicit import ImplicitState
+from bilevel.methods.implicit import (
+    RIDGE,
+    ImplicitState,
+    check_ridge,
+    record_solve,
+    require_lower_reaches_x,
+)
 from bilevel.problem import Problem
 from bilevel.tree import Tree
 
@@ -46,8 +52,17 @@ def _unit(vector: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(norm > 0, vector / safe, torch.zeros_like(vector)), norm
 
 
+@dataclass(kw_only=True)
 class _Krylov(Method):
-    """Shared pieces: inner steps, the upper gradient and a flat Hessian-vector product."""
+    """Shared pieces: inner steps, the upper gradient and a flat Hessian-vector product.
+
+    ``ridge`` ρ ≥ 0: the system is (∇²_yy g + ρI) v = ∇_y f, as for the AID methods."""
+
+    ridge: float = RIDGE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ridge(self.ridge)
 
     def _inner_and_upper(
         self, problem: Problem, x: Tree, state: ImplicitState
@@ -58,12 +73,18 @@ class _Krylov(Method):
             problem, x, self.inner_start(problem, x, state), self.inner_steps, self.optimizer
         )
         gx, gy = problem.grad_upper(x, y, problem.upper_batch())
-        return y, gx, gy, problem.linearize_lower(x, y, problem.lower_batch())
+        lin = problem.linearize_lower(x, y, problem.lower_batch())
+        if not state.checked:
+            require_lower_reaches_x(problem, lin, self.name)
+            state.checked = True
+        return y, gx, gy, lin
 
-
-def _flat_hvp(lin: LowerLinearization, like: Tree):
-    """Flat v ↦ flat ∇²_yy g · v (one counted HVP per call)."""
-    return lambda v: tr.flatten(lin.hvp(tr.unflatten(v, like)))
+    def _flat_hvp(self, lin: LowerLinearization, like: Tree):
+        """Flat v ↦ flat (∇²_yy g + ρI) · v (one counted HVP per call)."""
+        rho = self.ridge
+        if rho == 0:
+            return lambda v: tr.flatten(lin.hvp(tr.unflatten(v, like)))
+        return lambda v: tr.flatten(lin.hvp(tr.unflatten(v, like))) + rho * v
 
 
 @register("subbio")
@@ -95,9 +116,10 @@ class SubBiO(_Krylov):
     def step(self, problem: Problem, x: Tree, state: ImplicitState) -> tuple[Tree, ImplicitState]:
         x = tr.detach(x)
         y, gx, gy, lin = self._inner_and_upper(problem, x, state)
-        matvec = _flat_hvp(lin, y)
+        matvec = self._flat_hvp(lin, y)
         b, v = tr.flatten(gy), tr.flatten(state.v)
         av = matvec(v)
+        residual = torch.linalg.vector_norm(av - b)  # of the previous v, on this step's system
         u = v - self.solver_lr * av
         soba = u + self.solver_lr * b  # v − η(Av − b), inside span{b, u}
         q1, _ = _unit(b)
@@ -117,8 +139,10 @@ class SubBiO(_Krylov):
         ok = positive & torch.isfinite(candidate).all()
         v = torch.where(ok, candidate, soba)
         state.y, state.v = y, tr.unflatten(v, y)
-        state.info = {"fallbacks": state.info["fallbacks"] + (~ok).to(torch.int64)}
-        return tr.sub(gx, lin.mixed(state.v)), state
+        state.info["fallbacks"] = state.info["fallbacks"] + (~ok).to(torch.int64)
+        hg = tr.sub(gx, lin.mixed(state.v))
+        record_solve(problem, state, hg, state.v, gy, self.ridge, residual=residual)
+        return hg, state
 
 
 @dataclass
@@ -209,7 +233,7 @@ class LancBiO(_Krylov):
     def step(self, problem: Problem, x: Tree, state: LancBiOState) -> tuple[Tree, LancBiOState]:
         x = tr.detach(x)
         y, gx, gy, lin = self._inner_and_upper(problem, x, state)
-        matvec = _flat_hvp(lin, y)
+        matvec = self._flat_hvp(lin, y)
         b, v_prev = tr.flatten(gy), tr.flatten(state.v)
         if self._restart_due(state):
             self._restart(state, matvec, b, v_prev)
@@ -254,7 +278,12 @@ class LancBiO(_Krylov):
             "breakdowns": state.breakdowns,
             "indefinite": state.indefinite,
         }
-        return tr.sub(gx, lin.mixed(state.v)), state
+        # the Lanczos residual estimate β_next·|last entry of T⁻¹Qᵀr| (exact for a fixed A, b);
+        # a fallback step is measured by the restart residual ‖b − A v̄‖ instead
+        residual = torch.where(ok, beta * s[-1].abs(), torch.linalg.vector_norm(r))
+        hg = tr.sub(gx, lin.mixed(state.v))
+        record_solve(problem, state, hg, state.v, gy, self.ridge, residual=residual)
+        return hg, state
 
     def _restart_due(self, state: LancBiOState) -> bool:
         if state.frozen is None:  # first step

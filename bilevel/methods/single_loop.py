@@ -22,10 +22,19 @@ from dataclasses import dataclass
 from bilevel import tree as tr
 from bilevel.checks import check_int, check_positive
 from bilevel.inner import run_inner
-from bilevel.linalg import MatVec, conjugate_gradient, fixed_point, neumann
+from bilevel.linalg import MatVec, conjugate_gradient, damped, fixed_point, neumann
 from bilevel.linearization import LowerLinearization
 from bilevel.methods.base import Method, register
-from bilevel.methods.implicit import Implicit, ImplicitState, NeumannSeries
+from bilevel.methods.implicit import (
+    RIDGE,
+    Implicit,
+    ImplicitState,
+    NeumannSeries,
+    check_ridge,
+    check_step_size,
+    record_solve,
+    require_lower_reaches_x,
+)
 from bilevel.problem import Problem
 from bilevel.tree import Tree
 
@@ -63,11 +72,13 @@ class SOBA(Method):
 
     inner_steps: int = 1
     solver_lr: float = 0.1
+    ridge: float = RIDGE
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("inner_steps", self.inner_steps, 1)
         check_positive("solver_lr", self.solver_lr)
+        check_ridge(self.ridge)
         if self.warm_start is not True:
             raise ValueError(
                 "soba is single-loop: y and v must carry over between outer steps "
@@ -87,13 +98,21 @@ class SOBA(Method):
             lin = problem.linearize_lower(x, y, problem.lower_batch())
             hvp, mixed = lin.hvp(v), lin.mixed(v)
         else:
-            hvp = problem.hvp_lower_yy(x, y, v, problem.lower_batch())
+            batch = problem.lower_batch()
+            if not state.checked:  # the one-off check needs a linearisation of its own
+                with problem.uncounted():
+                    lin = problem.linearize_lower(x, y, batch)
+            hvp = problem.hvp_lower_yy(x, y, v, batch)
             mixed = problem.mixed_lower_xy(x, y, v, problem.lower_batch())
+        if not state.checked:
+            require_lower_reaches_x(problem, lin, self.name)
+            state.checked = True
+        hvp = tr.axpy(self.ridge, v, hvp) if self.ridge else hvp
         residual = tr.sub(hvp, gy)  # A v − b: the v-direction and a free residual estimate
         hg = tr.sub(gx, mixed)
         state.v = tr.axpy(-self.solver_lr, residual, v)
         state.y = run_inner(problem, x, y, self.inner_steps, self.optimizer)
-        state.info = {"residual": tr.norm(residual)}
+        record_solve(problem, state, hg, v, gy, self.ridge, residual=tr.norm(residual))
         return hg, state
 
 
@@ -114,7 +133,8 @@ class StocBiO(NeumannSeries):
     solver_iters: int = 10
 
     def solve(self, problem, x, y, b, v0, lin):
-        return neumann(fresh_batch_hvp(problem, x, y, lin), b, self.solver_lr, self.solver_iters)
+        hvp = damped(fresh_batch_hvp(problem, x, y, lin), self.ridge)
+        return neumann(hvp, b, self.solver_lr, self.solver_iters)
 
 
 @register("amigo")
@@ -148,11 +168,18 @@ class AmIGO(Implicit):
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
             raise ValueError(f"solver_tol must be a number >= 0, got {tol!r}")
 
+    def first_step_checks(self, problem, b, lin):
+        super().first_step_checks(problem, b, lin)
+        if self.solver == "gd":
+            check_step_size(self.operator(lin), b, self.solver_lr, self.name)
+
     def solve(self, problem, x, y, b, v0, lin):
         if self.solver == "gd":
-            hvp = fresh_batch_hvp(problem, x, y, lin)
+            hvp = damped(fresh_batch_hvp(problem, x, y, lin), self.ridge)
             return fixed_point(hvp, b, v0, self.solver_lr, self.solver_iters)
         # CG needs one operator: its own batch, linearised once (the step's, without lower_data)
         cg_batch = problem.lower_batch()
         cg_lin = lin if problem.lower_data is None else problem.linearize_lower(x, y, cg_batch)
-        return conjugate_gradient(cg_lin.hvp, b, v0, self.solver_iters, self.solver_tol)
+        return conjugate_gradient(
+            self.operator(cg_lin), b, v0, self.solver_iters, self.solver_tol
+        )
