@@ -117,6 +117,7 @@ def sinusoid(
     eval_tasks: int = 100,
     eval_seed: int = 1234,
     seed: int = 0,
+    proximal: float = 0.0,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> Task:
@@ -126,7 +127,14 @@ def sinusoid(
     Callback ``post_adaptation_mse``: mean query MSE over ``eval_tasks`` fixed test tasks
     (seeded by ``eval_seed``, ``k_shot`` support and EVAL_QUERY query points each) after the
     task's ``inner_steps`` plain GD steps of ``inner_lr`` from x.
+
+    ``proximal=λ > 0`` is iMAML (Rajeswaran, Finn, Kakade, Levine, "Meta-Learning with Implicit
+    Gradients", NeurIPS 2019): the lower loss adds λ/2‖y_t − x‖² per task, so y*(x) depends on
+    x and implicit methods (cg by default) differentiate it; the defaults then run 20 inner
+    steps and 5 CG iterations.
     """
+    if not isinstance(proximal, (int, float)) or not proximal >= 0:
+        raise ValueError(f"proximal must be a number >= 0, got {proximal!r}")
     if min(k_shot, n_query, meta_batch, hidden, eval_tasks) < 1:
         raise ValueError("k_shot, n_query, meta_batch, hidden and eval_tasks must be >= 1")
     with torch.random.fork_rng(devices=[]):
@@ -143,7 +151,12 @@ def sinusoid(
 
     def lower(x: Tree, y: Tree, batch: SineTasks) -> Tensor:
         # a sum, so each task's copy takes its own step of inner_lr whatever the meta-batch
-        return per_task(y, batch.support_x, batch.support_y).sum()
+        loss = per_task(y, batch.support_x, batch.support_y).sum()
+        if proximal:
+            loss = loss + 0.5 * proximal * sum(
+                torch.sum((y[k] - x[k].unsqueeze(0)) ** 2) for k in y
+            )
+        return loss
 
     def upper(x: Tree, y: Tree, batch: SineTasks) -> Tensor:
         return per_task(y, batch.query_x, batch.query_y).mean()
@@ -153,6 +166,8 @@ def sinusoid(
         return {k: v.unsqueeze(0).repeat(tasks, *([1] * v.dim())) for k, v in x.items()}
 
     defaults = {"inner_steps": 1, "inner_lr": 0.01}
+    if proximal:
+        defaults = {"inner_steps": 20, "inner_lr": min(0.01, 1.0 / proximal), "solver_iters": 5}
     test = sample_sine_tasks(
         eval_tasks, k_shot, EVAL_QUERY, torch.Generator().manual_seed(eval_seed), dtype, device
     )
@@ -193,6 +208,7 @@ def sinusoid(
             "eval_query": EVAL_QUERY,
             "eval_seed": eval_seed,
             "seed": seed,
+            "proximal": proximal,
         },
         method_defaults=dict(defaults),
         # Finn et al. ran 70,000 outer steps; scaled down for CPU (10,000 take a few minutes)
