@@ -103,6 +103,11 @@ def unflatten(vector: Tensor, like: Tree) -> Tree:
     return out
 
 
+def where(condition: Tensor, a: Tree, b: Tree) -> Tree:
+    """Entrywise ``a`` where the 0-dim ``condition`` holds, else ``b`` (no host sync)."""
+    return {k: torch.where(condition, a[k], b[k]) for k in a}
+
+
 def all_finite(a: Tree) -> Tensor:
     """0-dim bool tensor: every entry of every leaf is finite (no host sync)."""
     flags = [torch.isfinite(v).all() for v in a.values()]
