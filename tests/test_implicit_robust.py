@@ -197,3 +197,17 @@ def test_hyper_cleaning_mlp_defaults_damp_every_solve_through_per_method_blocks(
     assert "ridge" not in mlp.method_options("itd")
     linear = make("hyper_cleaning", dataset="digits", n_train=50, n_val=50)
     assert all("ridge" not in linear.method_options(n) for n in ("cg", "lancbio", "subbio"))
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "steps"), [("lancbio", {"m": 6}, 12), ("subbio", {"solver_lr": 0.2}, 300)]
+)
+def test_damped_krylov_methods_reach_the_damped_closed_form(name, options, steps):
+    # a convex lower level: LancBiO's ball (‖v‖ ≤ ‖b‖/ρ) never binds, the damped solve is exact
+    ridge = 0.3
+    problem, x, y_star, a, b, c = _quadratic()
+    method = bl.method(name, inner_steps=0, ridge=ridge, **options)
+    hg = bl.hypergrad(problem, x, y_star, method, steps=steps)
+    damped = a + ridge * torch.eye(len(a), dtype=a.dtype)
+    exact = x["x"] + b.T @ torch.linalg.solve(damped, y_star["y"] - c)
+    assert relative_error(hg, {"x": exact}) < 1e-8

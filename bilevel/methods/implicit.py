@@ -39,7 +39,7 @@ from bilevel.problem import Problem
 from bilevel.tree import Tree
 
 # Default ridge ρ of the damped system (∇²_yy g + ρI) v = ∇_y f: 0 keeps the hypergradient
-# exact on convex lower problems; networks set it (measurements: docs/guide.md)
+# exact on convex lower problems; network tasks set it (measurements: docs/methods/krylov.md)
 RIDGE = 0.0
 # a v with ‖v‖ > V_BOUND·‖b‖/ρ is rejected: for a positive semi-definite Hessian ‖v‖ ≤ ‖b‖/ρ
 V_BOUND = 100.0

@@ -230,9 +230,12 @@ class LancBiO(_Krylov):
     smallest eigenvalue below √eps·‖T‖: a near-singular T that passes the pivot test, the
     cause of mini-batch blow-ups) is treated the same way. At a restart, an iterate whose norm
     jumped above ``_JUMP`` × the last anchor's (or is not finite) is not used as anchor: the
-    cycle starts from v̄ = 0 (``info["anchor_resets"]``). The restart decision reads last
-    step's flags on the host: it decides whether an HVP is spent, so it must be known there;
-    ``solve`` synchronises the device after every step anyway, so the read waits on nothing.
+    cycle starts from v̄ = 0 (``info["anchor_resets"]``). With ``ridge`` ρ > 0, v stays in the
+    ball ‖v‖ ≤ ‖b‖/ρ (the damped solution's bound when A ⪰ 0): a longer projected solution is
+    treated as an indefinite T and a safe step is shortened onto the ball. The restart decision
+    reads last step's flags on the host: it decides whether an HVP is spent, so it must be known
+    there; ``solve`` synchronises the device after every step anyway, so the read waits on
+    nothing.
     Oracles: K inner gradients, 1 upper gradient, 1 linearisation, 1 HVP per step + 1 per
     restart (none for the first, whose v̄ is 0, nor in window mode), 1 mixed product; memory
     m + 1 vectors.
