@@ -18,15 +18,33 @@ from bilevel.tree import Tree
 
 MatVec = Callable[[Tree], Tree]
 _EPS = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-_TINY = {dtype: torch.finfo(dtype).tiny for dtype in _EPS}
 
 
 @dataclass
 class SolveInfo:
-    """What a solver did: iterations run and the final residual norm ‖A v − b‖ (a tensor)."""
+    """What a solver did: iterations run and the residual norm ‖A v − b‖ (a tensor; see each
+    solver for which iterate it measures). CG adds its guard counters (0-dim tensors):
+    ``negative_curvature`` (directions with pᵀAp ≤ 0: no step, the recurrence restarted),
+    ``restarts`` (those, plus 1 when the solve ended 10× above its start's residual and
+    returned the start) and ``warm_start_dropped`` (1 when the warm start did not lower the
+    residual)."""
 
     iterations: int
     residual: Tensor | None
+    negative_curvature: Tensor | None = None
+    restarts: Tensor | None = None
+    warm_start_dropped: Tensor | None = None
+
+
+def damped(matvec: MatVec, rho: float) -> MatVec:
+    """v ↦ (A + ρI) v: the ridge-damped operator (``matvec`` itself when ρ = 0)."""
+    if rho == 0:
+        return matvec
+    return lambda v: tr.axpy(rho, v, matvec(v))
+
+
+# a CG solve that ends with its residual this many times above its start returns the start
+_GROWTH = 10.0
 
 
 def conjugate_gradient(
@@ -36,47 +54,72 @@ def conjugate_gradient(
     maxiter: int = 100,
     tol: float = 1e-10,
 ) -> tuple[Tree, SolveInfo]:
-    """Solve A v = b for symmetric positive definite A by conjugate gradients.
+    """Solve A v = b for symmetric A by curvature-aware conjugate gradients.
 
     Stops after ``maxiter`` iterations or when ‖r‖ ≤ tol·‖b‖ (tol = 0: exactly ``maxiter``
-    iterations, no host sync). A warm start ``x0`` costs one extra matvec. The returned
-    residual is the recursively updated one (no extra matvec). A search direction with
-    (numerically) non-positive curvature pᵀAp ≤ ε‖p‖² takes no step, so a singular or
-    indefinite A gives a finite, if inexact, answer rather than NaN.
+    iterations, no host sync). A warm start ``x0`` costs one extra matvec and is dropped (the
+    solve starts from 0, counted in ``warm_start_dropped``) when ‖b − A x0‖ > ‖b‖: a start that
+    does not lower the residual only carries an old, possibly growing, v forward. The returned
+    residual is the recursively updated one (no extra matvec).
+
+    Guards, without a host sync, for an indefinite or singular A such as a network's Hessian
+    away from a minimum: a direction of (numerically) non-positive curvature pᵀAp ≤ ε‖p‖²
+    takes no step and restarts the recurrence along the residual (steepest descent), counted
+    in ``negative_curvature``; a solve that ends with its residual 10× above its start's (or
+    non-finite) returns its start instead. ``restarts`` counts both events. On a positive
+    definite A neither fires and the iterates are plain CG's. ‖p‖² follows the CG recurrence
+    ‖p‖² ← ‖r‖² + β²‖p‖², and each update is one fused ``addcmul`` per tensor, so the guarded
+    iteration costs about as many operations as an unguarded one.
     """
     if maxiter < 0:
         raise ValueError(f"maxiter must be >= 0, got {maxiter}")
+    eps = _EPS[next(iter(b.values())).dtype]
+    bb = tr.dot(b, b)
+    dropped = torch.zeros((), dtype=torch.int64, device=bb.device)
     if x0 is None:
-        x, r = tr.zeros_like(b), dict(b)
+        x, r, rr = tr.zeros_like(b), dict(b), bb
     else:
-        x, r = x0, tr.sub(b, matvec(x0))
-    p = r
-    rr = tr.dot(r, r)
-    threshold = (tol * tr.norm(b)) ** 2 if tol > 0 else None
-    it = 0
-    while it < maxiter:
+        r0 = tr.sub(b, matvec(x0))
+        rr0 = tr.dot(r0, r0)
+        keep = rr0 <= bb
+        x = tr.where(keep, x0, tr.zeros_like(b))
+        r = tr.where(keep, r0, b)
+        rr = torch.where(keep, rr0, bb)
+        dropped = (~keep).to(torch.int64)
+    start_x, start_rr = x, rr
+    p, pp = r, rr
+    tiny = torch.finfo(rr.dtype).tiny
+    threshold = (tol * torch.sqrt(bb)) ** 2 if tol > 0 else None
+    curvature: list[Tensor] = []
+    while len(curvature) < maxiter:
         if threshold is not None and bool(rr <= threshold):
             break
         ap = matvec(p)
         pap = tr.dot(p, ap)
-        # breakdown guard without a host sync: a direction of (numerically) zero or negative
-        # curvature takes no step (A singular or indefinite along p) instead of a huge one
-        curved = pap > _EPS[pap.dtype] * tr.dot(p, p)
+        curved = pap > eps * pp
         alpha = torch.where(curved, rr / pap, 0.0)  # the unselected rr / pap may be inf
         x = tr.axpy(alpha, p, x)
         r = tr.axpy(-alpha, ap, r)
         rr_new = tr.dot(r, r)
-        beta = rr_new / rr.clamp_min(_TINY[rr.dtype])  # r = 0 exactly: r stays 0, beta 0
+        beta = torch.where(curved, rr_new / rr.clamp_min(tiny), 0.0)  # 0: restart along r
         p = tr.axpy(beta, p, r)
+        pp = torch.addcmul(rr_new, beta, beta * pp)
         rr = rr_new
-        it += 1
-    return x, SolveInfo(iterations=it, residual=torch.sqrt(rr))
+        curvature.append(curved)
+    negative = (~torch.stack(curvature)).sum() if curvature else torch.zeros_like(dropped)
+    grew = ~(rr <= _GROWTH**2 * start_rr)  # NaN grows too
+    x = tr.where(grew, start_x, x)
+    rr = torch.where(grew, start_rr, rr)
+    info = SolveInfo(len(curvature), torch.sqrt(rr), negative, negative + grew, dropped)
+    return x, info
 
 
 def neumann(matvec: MatVec, b: Tree, lr: float, terms: int) -> tuple[Tree, SolveInfo]:
     """v = lr · Σ_{j<terms} (I − lr·A)^j b, the truncated Neumann series for A⁻¹ b.
 
-    Converges when lr < 2/L (L the largest eigenvalue of A). Uses ``terms − 1`` matvecs.
+    Converges when lr < 2/L (L the largest eigenvalue of A). Uses ``terms − 1`` matvecs. The
+    residual is that of the series one term shorter, ‖(I − lr·A)^(terms−1) b‖ (the returned
+    v's would cost one more matvec).
     """
     if terms < 1:
         raise ValueError(f"the Neumann series needs at least one term, got {terms}")
@@ -85,17 +128,47 @@ def neumann(matvec: MatVec, b: Tree, lr: float, terms: int) -> tuple[Tree, Solve
     for _ in range(terms - 1):
         p = tr.axpy(-lr, matvec(p), p)
         total = tr.add(total, p)
-    return tr.scale(total, lr), SolveInfo(iterations=terms - 1, residual=None)
+    return tr.scale(total, lr), SolveInfo(iterations=terms - 1, residual=tr.norm(p))
 
 
 def fixed_point(
     matvec: MatVec, b: Tree, x0: Tree | None, lr: float, iters: int
 ) -> tuple[Tree, SolveInfo]:
-    """Iterate v ← v − lr·(A v − b) ``iters`` times (gradient descent on ½vᵀAv − bᵀv)."""
+    """Iterate v ← v − lr·(A v − b) ``iters`` times (gradient descent on ½vᵀAv − bᵀv).
+
+    A warm start ``x0`` whose residual exceeds ‖b‖ is dropped (start from 0; free: the first
+    iteration computes A x0 anyway). The residual is that of the last iterate the loop
+    evaluated, one step before the returned v (‖b‖ when ``iters`` is 0).
+    """
     v = tr.zeros_like(b) if x0 is None else x0
+    residual = tr.norm(b)
+    dropped = None
+    for it in range(iters):
+        r = tr.sub(matvec(v), b)
+        residual = tr.norm(r)
+        if it == 0 and x0 is not None:
+            keep = tr.dot(r, r) <= tr.dot(b, b)
+            dropped = (~keep).to(torch.int64)
+            v, r = tr.where(keep, v, tr.zeros_like(b)), tr.where(keep, r, tr.scale(b, -1.0))
+            residual = torch.where(keep, residual, tr.norm(b))
+        v = tr.axpy(-lr, r, v)
+    return v, SolveInfo(iterations=iters, residual=residual, warm_start_dropped=dropped)
+
+
+def largest_eigenvalue(matvec: MatVec, start: Tree, iters: int = 5) -> Tensor:
+    """A cheap estimate of A's largest eigenvalue: ``iters`` power iterations from ``start``,
+    then the Rayleigh quotient (a lower bound of λ_max; 0 for a zero start). ``iters``
+    matvecs, no host sync."""
+    v = start
+    quotient = torch.zeros_like(tr.dot(start, start))
     for _ in range(iters):
-        v = tr.axpy(-lr, tr.sub(matvec(v), b), v)
-    return v, SolveInfo(iterations=iters, residual=None)
+        norm = tr.norm(v)
+        safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+        v = tr.scale(v, 1.0 / safe)
+        av = matvec(v)
+        quotient = tr.dot(v, av)
+        v = av
+    return quotient
 
 
 def lanczos_step(

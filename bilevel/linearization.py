@@ -70,6 +70,21 @@ class LowerLinearization:
         """∇²_xy g · v = ∇_x ⟨∇_y g, v⟩ (a tree like the outer variable)."""
         return self._pullback("mixed", v, self._x)
 
+    def reaches_x(self) -> bool:
+        """Whether ∇_y g depends on the outer variable at all (structurally, through the
+        graph: one uncounted backward pass; False means every mixed product is zero)."""
+        if not self._outputs:
+            return False
+        outputs = [g for _, g in self._outputs]
+        grads = torch.autograd.grad(
+            outputs,
+            list(self._x.values()),
+            [torch.ones_like(g) for g in outputs],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        return any(g is not None for g in grads)
+
     def _pullback(self, oracle: str, v: Tree, inputs: dict[str, Tensor]) -> Tree:
         if self._outputs:
             outputs = [g for _, g in self._outputs]

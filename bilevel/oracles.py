@@ -50,6 +50,11 @@ ORACLES = (
 )
 
 
+SOLVE = "linear solve"  # the flag of a rejected linear solve (not an oracle)
+# what a broken linear solve flags: its products and the estimate built from them
+_SOLVE_SIDE = {SOLVE, "hvp", "mixed", "linearize", "hypergradient (squared)"}
+
+
 class NonFiniteError(FloatingPointError):
     """An oracle produced NaN or Inf."""
 
@@ -158,11 +163,29 @@ class Oracles:
         totals = [torch.stack([s.to(device) for s in sums[n]]).sum() for n in names]
         finite = torch.isfinite(torch.stack(totals))
         bad = [name for name, ok in zip(names, finite.tolist(), strict=True) if not ok]
+        if SOLVE in bad and set(bad) <= _SOLVE_SIDE:
+            # the inner loop's own oracles are fine: the linear solve is what broke
+            raise NonFiniteError(
+                f"the linear solve (∇²_yy g + ρI) v = ∇_y f broke down at outer step {step} "
+                f"({', '.join(bad)} flagged): v or the hypergradient is non-finite, or ‖v‖ "
+                "far above ‖∇_y f‖/ρ — the lower Hessian is indefinite or singular at the "
+                "inner iterate (e.g. a network away from a minimum); set ridge=ρ > 0 (or a "
+                "larger one), or use 'itd'"
+            )
         if bad:
             raise NonFiniteError(
-                f"oracle(s) {', '.join(bad)} produced NaN/Inf at outer step {step}; "
-                "the inner loop may diverge (lower inner_lr) or the losses overflow"
+                f"oracle(s) {', '.join(b for b in bad if b != SOLVE)} produced NaN/Inf at "
+                f"outer step {step}; the inner loop may diverge (lower inner_lr) or the losses "
+                "overflow"
             )
+
+    def watch_solve(self, bad: Tensor) -> None:
+        """Flag a linear solve whose v or hypergradient was rejected (a 0-dim bool tensor, no
+        host sync); :meth:`raise_if_nonfinite` then names the linear solve."""
+        if not self.check_finite or not self._counting or not self._watching:
+            return
+        flag = torch.where(bad, torch.nan, 0.0).to(torch.float64)  # NaN marks it, as a sum
+        self._nonfinite.setdefault(SOLVE, []).append(flag)
 
     def _record(self, oracle: str, out: Tree) -> None:
         self._count(oracle)

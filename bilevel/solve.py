@@ -27,7 +27,7 @@ import torch
 from bilevel import distributed
 from bilevel import tree as tr
 from bilevel.checks import check_int, check_positive
-from bilevel.methods.base import Method, MethodState
+from bilevel.methods.base import Method, MethodState, info_row
 from bilevel.methods.base import method as make_method
 from bilevel.problem import NonFiniteError, Problem, validate
 from bilevel.tree import Tree
@@ -315,6 +315,7 @@ def solve(
                 "oracles": dict(problem.counts - base_counts),
                 "upper_loss": float(upper),
                 "peak_memory_mb": peak_memory_mb(point),
+                **info_row(state),
             }
             context = StepContext(done, point, state, hg, hg_x, optimizer)
             for callback in callbacks:

@@ -50,9 +50,10 @@ def scale(a: Tree, s: float | Tensor) -> Tree:
 
 
 def axpy(alpha: float | Tensor, x: Tree, y: Tree) -> Tree:
-    """Return ``alpha * x + y`` (one fused ``torch.add`` per leaf for a Python-number alpha)."""
+    """Return ``alpha * x + y``, one fused op per leaf (``torch.add``, or ``torch.addcmul`` for
+    a tensor alpha)."""
     if isinstance(alpha, Tensor):
-        return {k: alpha * x[k] + y[k] for k in x}
+        return {k: torch.addcmul(y[k], alpha, x[k]) for k in x}
     return {k: torch.add(y[k], x[k], alpha=alpha) for k in x}
 
 
@@ -107,6 +108,11 @@ def unflatten(vector: Tensor, like: Tree) -> Tree:
         out[k] = vector[start : start + n].reshape(v.shape)
         start += n
     return out
+
+
+def where(condition: Tensor, a: Tree, b: Tree) -> Tree:
+    """Entrywise ``a`` where the 0-dim ``condition`` holds, else ``b`` (no host sync)."""
+    return {k: torch.where(condition, a[k], b[k]) for k in a}
 
 
 def all_finite(a: Tree) -> Tensor:

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bilevel.methods.implicit import POWER_ITERS
+
 BILEVEL = [sys.executable, "-m", "bilevel.cli"]
 RUN = ["run", "quadratic", "--method", "cg", "-o", "inner_steps=100", "-o", "inner_lr=1.0",
        "--checkpoint-every", "5", "--quiet"]  # fmt: skip
@@ -89,8 +91,9 @@ def test_config_file_settings_and_flag_override(tmp_path):
     )
     bilevel("run", "--config", str(cfg), "--steps", "2", "--out", str(tmp_path / "r"), "--quiet")
     rows = (tmp_path / "r" / "metrics.jsonl").read_text().split("\n")
-    # solver_iters=4 Hessian-vector products per step, 2 steps
-    assert json.loads(rows[1])["step"] == 2 and json.loads(rows[1])["oracles"]["hvp"] == 8
+    # solver_iters=4 Hessian-vector products per step, 2 steps, + the step-size check
+    second = json.loads(rows[1])
+    assert second["step"] == 2 and second["oracles"]["hvp"] == 8 + POWER_ITERS
 
 
 def _rows(folder: Path) -> list[dict]:

@@ -122,6 +122,16 @@ class Method(metaclass=_OptionsChecked):
         return (cls.__doc__ or "").strip().splitlines()[0]
 
 
+# state.info entries every history row carries under their own name (implicit, Krylov and
+# single-loop methods: the solve's ‖A v − b‖ and the estimate's norm)
+ROW_INFO = ("residual", "hypergradient_norm")
+
+
+def info_row(state: MethodState) -> dict[str, float]:
+    """The :data:`ROW_INFO` entries of ``state.info`` as numbers (one host read each)."""
+    return {k: float(state.info[k]) for k in ROW_INFO if k in state.info}
+
+
 _REGISTRY: dict[str, type[Method]] = {}
 
 

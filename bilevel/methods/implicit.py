@@ -16,45 +16,154 @@ Complexity of Hypergradient Computation", ICML 2020 (fixed point).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+
+import torch
+from torch import Tensor
 
 from bilevel import tree as tr
 from bilevel.checks import check_int, check_nonnegative, check_positive
-from bilevel.linalg import SolveInfo, conjugate_gradient, fixed_point, neumann
+from bilevel.linalg import (
+    MatVec,
+    SolveInfo,
+    conjugate_gradient,
+    damped,
+    fixed_point,
+    largest_eigenvalue,
+    neumann,
+)
 from bilevel.linearization import LowerLinearization
 from bilevel.methods.base import Method, MethodState, register
 from bilevel.problem import Problem
 from bilevel.tree import Tree
 
+# Default ridge ρ of the damped system (∇²_yy g + ρI) v = ∇_y f: 0 keeps the hypergradient
+# exact on convex lower problems; network tasks set it (measurements: docs/methods/krylov.md)
+RIDGE = 0.0
+# a v with ‖v‖ > V_BOUND·‖b‖/ρ is rejected: for a positive semi-definite Hessian ‖v‖ ≤ ‖b‖/ρ
+V_BOUND = 100.0
+# power iterations of the step-size check of neumann and fixed point
+POWER_ITERS = 5
+
 
 @dataclass
 class ImplicitState(MethodState):
-    """Adds the linear-system solution ``v`` (warm start for the next outer step)."""
+    """Adds the linear-system solution ``v`` (warm start for the next outer step) and
+    ``checked``: the first step's one-off checks are done."""
 
     v: Tree | None = None
+    checked: bool = False
+
+
+def require_lower_reaches_x(problem: Problem, lin: LowerLinearization, method: str) -> None:
+    """Raise when ∇_y g does not depend on x (structurally): the implicit hypergradient is then
+    ∇_x f alone, and with ``init_lower`` (MAML) it ignores that the inner loop starts at x."""
+    if lin.reaches_x():
+        return
+    start = (
+        "the inner loop starts from init_lower(x), but the implicit hypergradient only sees "
+        "the lower solution y*(x), not where it started: "
+        if problem.init_lower is not None
+        else ""
+    )
+    raise ValueError(
+        f"{method}: the lower loss does not depend on x, so its implicit hypergradient is "
+        f"∇_x f alone (zero if the upper loss ignores x too); {start}use 'itd' to "
+        "differentiate through the inner steps, or add a proximal term λ/2‖y − x‖² to the "
+        "lower loss (iMAML: the tasks' proximal=λ option)"
+    )
+
+
+def check_step_size(matvec: MatVec, b: Tree, lr: float, method: str) -> None:
+    """Warn when ``solver_lr`` ≥ 2/λ_max, λ_max estimated by a few power iterations from b
+    (counted HVPs; one host read, once per run): the series / iteration then diverges."""
+    lam = float(largest_eigenvalue(matvec, b, POWER_ITERS))
+    if lam > 0 and lr >= 2.0 / lam:
+        warnings.warn(
+            f"{method}: solver_lr={lr:g} is at least 2/λ_max (λ_max ≈ {lam:.3g} by "
+            f"{POWER_ITERS} power iterations on ∇²_yy g + ridge), so the linear solve diverges; "
+            f"use solver_lr < {2.0 / lam:.3g}, or cg",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def record_solve(
+    problem: Problem,
+    state: MethodState,
+    hg: Tree,
+    v: Tree,
+    b: Tree,
+    ridge: float,
+    info: SolveInfo | None = None,
+    residual: Tensor | None = None,
+) -> None:
+    """Put the solve's ``residual`` and ``hypergradient_norm`` (and CG's guard counters,
+    cumulative over the run) in ``state.info`` (tensors, no host sync), and flag a non-finite
+    hypergradient or a v beyond the bound V_BOUND·‖b‖/ρ for
+    :meth:`~bilevel.Problem.raise_if_nonfinite`, which names the linear solve."""
+    hg_norm, v_norm = tr.norm(hg), tr.norm(v)
+    out = {} if info is None else {"solver_iterations": info.iterations}
+    for key in ("negative_curvature", "restarts", "warm_start_dropped"):
+        value = None if info is None else getattr(info, key)
+        if value is not None:
+            previous = state.info.get(key, 0)
+            out[key] = value + previous
+    residual = residual if info is None else info.residual
+    if residual is not None:
+        out["residual"] = residual
+    out["hypergradient_norm"] = hg_norm
+    bad = ~torch.isfinite(hg_norm) | ~torch.isfinite(v_norm)
+    if ridge > 0:
+        bad = bad | (v_norm > V_BOUND * tr.norm(b) / ridge)
+    problem.watch_solve(bad)
+    state.info.update(out)
 
 
 @dataclass(kw_only=True)
 class Implicit(Method):
     """Shared AID step; subclasses choose the linear solver. ``solver_iters`` counts
-    Hessian-vector products (J) for every solver."""
+    Hessian-vector products (J) for every solver.
+
+    ``ridge`` ρ ≥ 0 solves the damped system (∇²_yy g + ρI) v = ∇_y f (a network's Hessian is
+    indefinite away from a minimum; the damping adds no oracle call); ``solver_warm_start``
+    starts the solve from the last step's v (default: as ``warm_start``; a start that does not
+    lower the residual is dropped).
+    """
 
     KEEPS_INNER_STATE = True
     solver_iters: int = 20
+    ridge: float = RIDGE
+    solver_warm_start: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("solver_iters", self.solver_iters, 0)
+        check_nonnegative("ridge", self.ridge)
 
     def init(self, problem: Problem, x: Tree, y: Tree | None) -> ImplicitState:
         base = super().init(problem, x, y)
         return ImplicitState(y=base.y, y0=base.y0)
 
+    @property
+    def warm_v(self) -> bool:
+        """Whether the solve starts from the last step's v."""
+        return self.warm_start if self.solver_warm_start is None else self.solver_warm_start
+
+    def operator(self, lin: LowerLinearization) -> MatVec:
+        """v ↦ (∇²_yy g + ρI) v through ``lin``."""
+        return damped(lin.hvp, self.ridge)
+
     def solve(
         self, problem: Problem, x: Tree, y: Tree, b: Tree, v0: Tree | None, lin: LowerLinearization
     ) -> tuple[Tree, SolveInfo]:
-        """v ≈ (∇²_yy g)⁻¹ b; ``lin`` is ∇_y g linearised at this step's lower batch."""
+        """v ≈ (∇²_yy g + ρI)⁻¹ b; ``lin`` is ∇_y g linearised at this step's lower batch."""
         raise NotImplementedError
+
+    def first_step_checks(self, problem: Problem, b: Tree, lin: LowerLinearization) -> None:
+        """One-off checks at the first step (subclasses add a step-size check)."""
+        require_lower_reaches_x(problem, lin, self.name)
 
     def step(self, problem: Problem, x: Tree, state: ImplicitState) -> tuple[Tree, ImplicitState]:
         x = tr.detach(x)
@@ -62,24 +171,26 @@ class Implicit(Method):
         gx, gy = problem.grad_upper(x, y, problem.upper_batch(), mode="autograd")
         # one linearisation of ∇_y g serves every HVP of the solve and the mixed product
         lin = problem.linearize_lower(x, y, problem.lower_batch())
-        v0 = state.v if self.warm_start else None
+        if not state.checked:
+            self.first_step_checks(problem, gy, lin)
+            state.checked = True
+        v0 = state.v if self.warm_v else None
         v, info = self.solve(problem, x, y, gy, v0, lin)
         hg = tr.sub(gx, lin.mixed(v))
         state.y, state.v = y, v
-        state.info = {"solver_iterations": info.iterations}
-        if info.residual is not None:
-            state.info["residual"] = info.residual
+        record_solve(problem, state, hg, v, gy, self.ridge, info)
         return hg, state
 
 
 @register("cg")
 @dataclass(kw_only=True)
 class ConjugateGradient(Implicit):
-    """AID with conjugate gradients on ∇²_yy g · v = ∇_y f (warm-started v).
+    """AID with curvature-aware conjugate gradients on (∇²_yy g + ρI) v = ∇_y f.
 
     Stops at ``solver_iters`` iterations or relative residual ``solver_tol`` (0: no test, no
-    host sync). Oracles: K inner gradients, 1 linearisation, J HVPs (+1 for the warm start),
-    1 mixed product.
+    host sync). Negative curvature and a growing residual restart the recurrence (counted in
+    ``info``, see :func:`bilevel.linalg.conjugate_gradient`). Oracles: K inner gradients, 1
+    linearisation, J HVPs (+1 for the warm start), 1 mixed product.
     """
 
     solver_tol: float = 1e-10
@@ -90,17 +201,19 @@ class ConjugateGradient(Implicit):
         check_nonnegative("solver_tol", self.solver_tol)
 
     def solve(self, problem, x, y, b, v0, lin):
-        return conjugate_gradient(lin.hvp, b, v0, self.solver_iters, self.solver_tol)
+        return conjugate_gradient(self.operator(lin), b, v0, self.solver_iters, self.solver_tol)
 
 
 @register("neumann")
 @dataclass(kw_only=True)
 class NeumannSeries(Implicit):
-    """AID with a truncated Neumann series v = η Σ_{j≤J} (I − ηA)^j ∇_y f (needs η < 2/L).
+    """AID with a truncated Neumann series v = η Σ_{j≤J} (I − ηA)^j ∇_y f (needs η < 2/L),
+    A = ∇²_yy g + ρI.
 
     J = ``solver_iters`` HVPs, so the series has J + 1 terms (J = 0: v = η ∇_y f). No warm
-    start (the series restarts from ∇_y f). Oracles: K inner gradients, 1 linearisation, J HVPs,
-    1 mixed product.
+    start (the series restarts from ∇_y f). The first step estimates λ_max by a few power
+    iterations and warns when η ≥ 2/λ_max. Oracles: K inner gradients, 1 linearisation, J HVPs,
+    1 mixed product (+5 HVPs at the first step).
     """
 
     solver_lr: float = 0.1
@@ -109,15 +222,22 @@ class NeumannSeries(Implicit):
         super().__post_init__()
         check_positive("solver_lr", self.solver_lr)
 
+    def first_step_checks(self, problem, b, lin):
+        super().first_step_checks(problem, b, lin)
+        check_step_size(self.operator(lin), b, self.solver_lr, self.name)
+
     def solve(self, problem, x, y, b, v0, lin):
-        return neumann(lin.hvp, b, self.solver_lr, self.solver_iters + 1)  # J HVPs: J + 1 terms
+        # J HVPs: J + 1 terms
+        return neumann(self.operator(lin), b, self.solver_lr, self.solver_iters + 1)
 
 
 @register("fixed_point")
 @dataclass(kw_only=True)
 class FixedPoint(Implicit):
-    """AID by fixed-point iteration v ← v − η(A v − ∇_y f), warm-started (hypertorch's
-    ``fixed_point``). Oracles: K inner gradients, 1 linearisation, J HVPs, 1 mixed product."""
+    """AID by fixed-point iteration v ← v − η(A v − ∇_y f), A = ∇²_yy g + ρI, warm-started
+    (hypertorch's ``fixed_point``). The first step checks η against a power-iteration estimate
+    of λ_max. Oracles: K inner gradients, 1 linearisation, J HVPs, 1 mixed product (+5 HVPs at
+    the first step)."""
 
     solver_lr: float = 0.1
 
@@ -125,5 +245,9 @@ class FixedPoint(Implicit):
         super().__post_init__()
         check_positive("solver_lr", self.solver_lr)
 
+    def first_step_checks(self, problem, b, lin):
+        super().first_step_checks(problem, b, lin)
+        check_step_size(self.operator(lin), b, self.solver_lr, self.name)
+
     def solve(self, problem, x, y, b, v0, lin):
-        return fixed_point(lin.hvp, b, v0, self.solver_lr, self.solver_iters)
+        return fixed_point(self.operator(lin), b, v0, self.solver_lr, self.solver_iters)

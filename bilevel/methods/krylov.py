@@ -27,11 +27,16 @@ import torch
 from torch import Tensor
 
 from bilevel import tree as tr
-from bilevel.checks import check_int, check_positive
+from bilevel.checks import check_int, check_nonnegative, check_positive
 from bilevel.linalg import projected_solve
 from bilevel.linearization import LowerLinearization
 from bilevel.methods.base import Method, register
-from bilevel.methods.implicit import ImplicitState
+from bilevel.methods.implicit import (
+    RIDGE,
+    ImplicitState,
+    record_solve,
+    require_lower_reaches_x,
+)
 from bilevel.problem import Problem
 from bilevel.tree import Tree
 
@@ -48,10 +53,19 @@ def _unit(vector: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(norm > 0, vector / safe, torch.zeros_like(vector)), norm
 
 
+@dataclass(kw_only=True)
 class _Krylov(Method):
-    """Shared pieces: inner steps, the upper gradient and a flat Hessian-vector product."""
+    """Shared pieces: inner steps, the upper gradient and a flat Hessian-vector product.
+
+    ``ridge`` ρ ≥ 0: the system is (∇²_yy g + ρI) v = ∇_y f, as for the AID methods (no oracle
+    call: ρv is added to each HVP)."""
 
     KEEPS_INNER_STATE = True
+    ridge: float = RIDGE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_nonnegative("ridge", self.ridge)
 
     def _inner_and_upper(
         self, problem: Problem, x: Tree, state: ImplicitState
@@ -60,12 +74,22 @@ class _Krylov(Method):
         every product of the step is a pullback through it)."""
         y = self.inner_loop(problem, x, state)
         gx, gy = problem.grad_upper(x, y, problem.upper_batch(), mode="autograd")
-        return y, gx, gy, problem.linearize_lower(x, y, problem.lower_batch())
+        lin = problem.linearize_lower(x, y, problem.lower_batch())
+        self._check_once(problem, lin, state)
+        return y, gx, gy, lin
 
+    def _check_once(self, problem: Problem, lin: LowerLinearization, state: ImplicitState) -> None:
+        """The first step's check that the lower loss depends on x."""
+        if not state.checked:
+            require_lower_reaches_x(problem, lin, self.name)
+            state.checked = True
 
-def _flat_hvp(lin: LowerLinearization, like: Tree):
-    """Flat v ↦ flat ∇²_yy g · v (one counted HVP per call)."""
-    return lambda v: tr.flatten(lin.hvp(tr.unflatten(v, like)))
+    def _flat_hvp(self, lin: LowerLinearization, like: Tree):
+        """Flat v ↦ flat (∇²_yy g + ρI) · v (one counted HVP per call)."""
+        rho = self.ridge
+        if rho == 0:
+            return lambda v: tr.flatten(lin.hvp(tr.unflatten(v, like)))
+        return lambda v: tr.flatten(lin.hvp(tr.unflatten(v, like))) + rho * v
 
 
 @register("subbio")
@@ -101,9 +125,10 @@ class SubBiO(_Krylov):
     def step(self, problem: Problem, x: Tree, state: ImplicitState) -> tuple[Tree, ImplicitState]:
         x = tr.detach(x)
         y, gx, gy, lin = self._inner_and_upper(problem, x, state)
-        matvec = _flat_hvp(lin, y)
+        matvec = self._flat_hvp(lin, y)
         b, v = tr.flatten(gy), tr.flatten(state.v)
         av = matvec(v)
+        residual = torch.linalg.vector_norm(av - b)  # of the previous v, on this step's system
         u = v - self.eta * av
         soba = u + self.eta * b  # v − η(Av − b), inside span{b, u}
         q1, _ = _unit(b)
@@ -123,8 +148,10 @@ class SubBiO(_Krylov):
         ok = positive & torch.isfinite(candidate).all()
         v = torch.where(ok, candidate, soba)
         state.y, state.v = y, tr.unflatten(v, y)
-        state.info = {"fallbacks": state.info["fallbacks"] + (~ok).to(torch.int64)}
-        return tr.sub(gx, lin.mixed(state.v)), state
+        state.info["fallbacks"] = state.info["fallbacks"] + (~ok).to(torch.int64)
+        hg = tr.sub(gx, lin.mixed(state.v))
+        record_solve(problem, state, hg, state.v, gy, self.ridge, residual=residual)
+        return hg, state
 
 
 @dataclass
@@ -203,9 +230,12 @@ class LancBiO(_Krylov):
     smallest eigenvalue below √eps·‖T‖: a near-singular T that passes the pivot test, the
     cause of mini-batch blow-ups) is treated the same way. At a restart, an iterate whose norm
     jumped above ``_JUMP`` × the last anchor's (or is not finite) is not used as anchor: the
-    cycle starts from v̄ = 0 (``info["anchor_resets"]``). The restart decision reads last
-    step's flags on the host: it decides whether an HVP is spent, so it must be known there;
-    ``solve`` synchronises the device after every step anyway, so the read waits on nothing.
+    cycle starts from v̄ = 0 (``info["anchor_resets"]``). With ``ridge`` ρ > 0, v stays in the
+    ball ‖v‖ ≤ ‖b‖/ρ (the damped solution's bound when A ⪰ 0): a longer projected solution is
+    treated as an indefinite T and a safe step is shortened onto the ball. The restart decision
+    reads last step's flags on the host: it decides whether an HVP is spent, so it must be known
+    there; ``solve`` synchronises the device after every step anyway, so the read waits on
+    nothing.
     Oracles: K inner gradients, 1 upper gradient, 1 linearisation, 1 HVP per step + 1 per
     restart (none for the first, whose v̄ is 0, nor in window mode), 1 mixed product; memory
     m + 1 vectors.
@@ -271,7 +301,8 @@ class LancBiO(_Krylov):
                 state.batch = batch
             batch = state.batch
         lin = problem.linearize_lower(x, y, batch)
-        matvec = _flat_hvp(lin, y)
+        self._check_once(problem, lin, state)
+        matvec = self._flat_hvp(lin, y)
         b, v_prev = tr.flatten(gy), tr.flatten(state.v)
         if restart:
             self._restart(state, matvec, b, v_prev, mode)
@@ -297,9 +328,17 @@ class LancBiO(_Krylov):
         scale = torch.stack(state.alphas).abs().max() + 2 * torch.cat([off.abs(), r[:1] * 0]).max()
         sqrt_eps = torch.finfo(b.dtype).eps ** 0.5
         bounded = torch.linalg.vector_norm(s) * sqrt_eps * scale <= torch.linalg.vector_norm(rhs)
+        # ‖(A + ρI)⁻¹ b‖ ≤ ‖b‖/ρ when A ⪰ 0: with a ridge, a longer v comes from negative
+        # curvature; such a solve counts as indefinite and the fallback is kept inside the ball
+        radius = torch.linalg.vector_norm(b) / self.ridge if self.ridge > 0 else None
+        if radius is not None:
+            bounded = bounded & (torch.linalg.vector_norm(candidate) <= radius)
         ok = positive & bounded & torch.isfinite(candidate).all()
         first = state.cycle == 0 and not mode
         fallback = state.anchor + self.eta * r if first else v_prev
+        if radius is not None:
+            length = torch.linalg.vector_norm(fallback)
+            fallback = torch.where(length > radius, fallback * (radius / length), fallback)
         v = torch.where(ok, candidate, fallback)
         omega = u - alpha * q
         if self.reorthogonalize:
@@ -326,7 +365,13 @@ class LancBiO(_Krylov):
             "indefinite": state.indefinite,
             "anchor_resets": state.anchor_resets,
         }
-        return tr.sub(gx, lin.mixed(state.v)), state
+        # the Lanczos residual estimate β_next·|last entry of T⁻¹Qᵀr| (exact for a fixed A, b);
+        # a fallback step is measured by the restart residual ‖b − A v̄‖ instead
+        estimate = beta * s[-1].abs()
+        residual = torch.where(ok & torch.isfinite(estimate), estimate, torch.linalg.vector_norm(r))
+        hg = tr.sub(gx, lin.mixed(state.v))
+        record_solve(problem, state, hg, state.v, gy, self.ridge, residual=residual)
+        return hg, state
 
     def _holds(self, problem: Problem) -> bool:
         return problem.lower_data is not None if self.hold_batch is None else self.hold_batch

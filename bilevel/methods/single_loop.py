@@ -20,12 +20,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bilevel import tree as tr
-from bilevel.checks import check_int, check_positive
+from bilevel.checks import check_int, check_nonnegative, check_positive
 from bilevel.inner import run_inner
-from bilevel.linalg import MatVec, conjugate_gradient, fixed_point, neumann
+from bilevel.linalg import MatVec, conjugate_gradient, damped, fixed_point, neumann
 from bilevel.linearization import LowerLinearization
 from bilevel.methods.base import Method, register
-from bilevel.methods.implicit import Implicit, ImplicitState, NeumannSeries
+from bilevel.methods.implicit import (
+    RIDGE,
+    Implicit,
+    ImplicitState,
+    NeumannSeries,
+    check_step_size,
+    record_solve,
+    require_lower_reaches_x,
+)
 from bilevel.problem import Problem
 from bilevel.tree import Tree
 
@@ -57,17 +65,20 @@ class SOBA(Method):
     ``state.y``, ``state.v`` hold the updated iterates. η = ``solver_lr`` (stable for
     η < 2/L). With mini-batches each oracle call draws its own batch (the inner gradients, the
     HVP and the mixed product on separate lower batches; ∇_x f and ∇_y f share one upper batch,
-    one reverse pass), so each estimate is unbiased given (yₜ, vₜ).
+    one reverse pass), so each estimate is unbiased given (yₜ, vₜ). ``ridge`` ρ adds ρvₜ to the
+    HVP (the damped system, no oracle call).
     Oracles per step: K inner gradients (default K = 1), 1 upper gradient, 1 HVP, 1 mixed.
     """
 
     inner_steps: int = 1
     solver_lr: float = 0.1
+    ridge: float = RIDGE
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("inner_steps", self.inner_steps, 1)
         check_positive("solver_lr", self.solver_lr)
+        check_nonnegative("ridge", self.ridge)
         if self.warm_start is not True:
             raise ValueError(
                 "soba is single-loop: y and v must carry over between outer steps "
@@ -87,13 +98,21 @@ class SOBA(Method):
             lin = problem.linearize_lower(x, y, problem.lower_batch())
             hvp, mixed = lin.hvp(v), lin.mixed(v)
         else:
-            hvp = problem.hvp_lower_yy(x, y, v, problem.lower_batch())
+            batch = problem.lower_batch()
+            if not state.checked:  # the one-off check needs a linearisation of its own
+                with problem.uncounted():
+                    lin = problem.linearize_lower(x, y, batch)
+            hvp = problem.hvp_lower_yy(x, y, v, batch)
             mixed = problem.mixed_lower_xy(x, y, v, problem.lower_batch())
+        if not state.checked:
+            require_lower_reaches_x(problem, lin, self.name)
+            state.checked = True
+        hvp = tr.axpy(self.ridge, v, hvp) if self.ridge else hvp
         residual = tr.sub(hvp, gy)  # A v − b: the v-direction and a free residual estimate
         hg = tr.sub(gx, mixed)
         state.v = tr.axpy(-self.solver_lr, residual, v)
         state.y = run_inner(problem, x, y, self.inner_steps, self.optimizer)
-        state.info = {"residual": tr.norm(residual)}
+        record_solve(problem, state, hg, v, gy, self.ridge, residual=tr.norm(residual))
         return hg, state
 
 
@@ -107,14 +126,15 @@ class StocBiO(NeumannSeries):
     ∇_x f, and the mixed product takes another lower batch. The factors are independent, so
     for quadratics E[v] is the full-batch truncated series. Deterministic problems give
     exactly ``neumann``; the error then decays like (1 − ηµ)^(J+1). J counts HVPs, as for
-    every method (the paper's Q); the series has J + 1 terms; v does not warm-start.
-    Oracles per step: K inner gradients, 1 upper gradient, J HVPs, 1 mixed.
+    every method (the paper's Q); the series has J + 1 terms; v does not warm-start. ``ridge``
+    and the first step's step-size check (5 power-iteration HVPs on the step's batch) as for
+    ``neumann``. Oracles per step: K inner gradients, 1 upper gradient, J HVPs, 1 mixed.
     """
 
     solver_iters: int = 10
 
     def solve(self, problem, x, y, b, v0, lin):
-        hvp = fresh_batch_hvp(problem, x, y, lin)
+        hvp = damped(fresh_batch_hvp(problem, x, y, lin), self.ridge)
         return neumann(hvp, b, self.solver_lr, self.solver_iters + 1)  # J HVPs: J + 1 terms
 
 
@@ -132,8 +152,9 @@ class AmIGO(Implicit):
     η = ``solver_lr`` and a fresh lower batch per step (unbiased for quadratics given the
     start). ``solver_tol`` only concerns cg and ``solver_lr`` only gd: giving either to the
     other solver is an error (defaults 1e-10 and 0.1). The mixed product uses
-    its own lower batch. Oracles per step: K inner gradients, 1 upper gradient, J HVPs (cg: one
-    more for the warm start's residual once v exists), 1 mixed.
+    its own lower batch. ``ridge`` and CG's guards as for ``cg``; with gd the first step checks
+    η by 5 power-iteration HVPs. Oracles per step: K inner gradients, 1 upper gradient, J HVPs
+    (cg: one more for the warm start's residual once v exists), 1 mixed.
     """
 
     solver: str = "cg"
@@ -158,11 +179,18 @@ class AmIGO(Implicit):
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
             raise ValueError(f"solver_tol must be a number >= 0, got {tol!r}")
 
+    def first_step_checks(self, problem, b, lin):
+        super().first_step_checks(problem, b, lin)
+        if self.solver == "gd":
+            check_step_size(self.operator(lin), b, self.solver_lr, self.name)
+
     def solve(self, problem, x, y, b, v0, lin):
         if self.solver == "gd":
-            hvp = fresh_batch_hvp(problem, x, y, lin)
+            hvp = damped(fresh_batch_hvp(problem, x, y, lin), self.ridge)
             return fixed_point(hvp, b, v0, self.solver_lr, self.solver_iters)
         # CG needs one operator: its own batch, linearised once (the step's, without lower_data)
         cg_batch = problem.lower_batch()
         cg_lin = lin if problem.lower_data is None else problem.linearize_lower(x, y, cg_batch)
-        return conjugate_gradient(cg_lin.hvp, b, v0, self.solver_iters, self.solver_tol)
+        return conjugate_gradient(
+            self.operator(cg_lin), b, v0, self.solver_iters, self.solver_tol
+        )

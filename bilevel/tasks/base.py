@@ -62,17 +62,20 @@ SHARED_OPTIONS = tuple(Method.option_names())
 # solver_lr only applies to solver="gd")
 SOLVER_ITERS_METHODS = ("cg", "neumann", "fixed_point", "stocbio", "amigo")
 SOLVER_LR_METHODS = ("neumann", "fixed_point", "stocbio", "subbio", "soba")
+# every method that solves (∇²_yy g + ρI) v = ∇_y f
+RIDGE_METHODS = ("cg", "neumann", "fixed_point", "stocbio", "amigo", "subbio", "lancbio", "soba")
 
 
 def solver_defaults(
-    solver_iters: int | None = None, solver_lr: float | None = None
+    solver_iters: int | None = None, solver_lr: float | None = None, ridge: float | None = None
 ) -> dict[str, dict[str, Any]]:
     """Per-method blocks for ``method_defaults``: J = ``solver_iters`` (HVPs) for the methods
     in :data:`SOLVER_ITERS_METHODS`, the solve's step ``solver_lr`` for those in
-    :data:`SOLVER_LR_METHODS`."""
+    :data:`SOLVER_LR_METHODS`, the damping ``ridge`` for those in :data:`RIDGE_METHODS`."""
     blocks: dict[str, dict[str, Any]] = {}
     for option, value, names in (("solver_iters", solver_iters, SOLVER_ITERS_METHODS),
-                                 ("solver_lr", solver_lr, SOLVER_LR_METHODS)):  # fmt: skip
+                                 ("solver_lr", solver_lr, SOLVER_LR_METHODS),
+                                 ("ridge", ridge, RIDGE_METHODS)):  # fmt: skip
         if value is not None:
             for name in names:
                 blocks.setdefault(name, {})[option] = value

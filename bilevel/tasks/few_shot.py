@@ -36,6 +36,7 @@ from torch.func import grad, vmap
 
 from bilevel import distributed
 from bilevel import tree as tr
+from bilevel.checks import check_nonnegative
 from bilevel.data.episodes import Episode, EpisodeSampler, split_classes
 from bilevel.data.glyphs import glyph_dataset
 from bilevel.data.omniglot import load_omniglot
@@ -59,6 +60,15 @@ METHOD_DEFAULTS = {
                 **_ES_DEFAULTS},  # fmt: skip
     "maml": {"inner_steps": 1, "inner_lr": 0.4, **_ES_DEFAULTS},
 }
+
+
+def imaml_defaults(proximal: float) -> dict[str, object]:
+    """iMAML (``proximal=λ``): an inner loop long enough to near y*(x), a GD step below 1/λ
+    (the proximal term alone needs < 2/λ), 5 CG iterations."""
+    return {"inner_steps": 10, "inner_lr": min(0.4, 1.0 / proximal),
+            **solver_defaults(solver_iters=5)}  # fmt: skip
+
+
 SOLVE_DEFAULTS = {"steps": 1000, "outer_optimizer": "adam", "outer_lr": 1e-3}
 
 
@@ -211,6 +221,7 @@ class FewShotSetup:
     inner_steps: int
     inner_lr: float
     dtype: torch.dtype
+    proximal: float = 0.0  # iMAML's λ (MAML form)
 
     def __post_init__(self) -> None:
         self.apply = functional(self.model)
@@ -253,9 +264,17 @@ class FewShotSetup:
         """Per-task CE of per-task weights y (leading task dim), one vmapped pass."""
         return vmap(lambda p, im, lab: F.cross_entropy(self.apply(p, im), lab))(y, images, labels)
 
+    def adaptation_loss(self, x: Tree, y: Tree, images: Tensor, labels: Tensor) -> Tensor:
+        """MAML form: the summed support CE of per-task copies y, plus iMAML's λ/2‖y_t − x‖²
+        per task when ``proximal`` = λ > 0."""
+        loss = self.net_losses(y, images, labels).sum()
+        if self.proximal:
+            loss = loss + 0.5 * self.proximal * sum((y[k] - x[k]).square().sum() for k in y)
+        return loss
+
     def lower(self, x: Tree, y: Tree, batch: Episode) -> Tensor:
-        """MAML form: the support CE of per-task copies y of the network."""
-        return self.net_losses(y, batch.support_x, batch.support_y).sum()
+        """MAML form: the adaptation loss on the support set."""
+        return self.adaptation_loss(x, y, batch.support_x, batch.support_y)
 
     def upper(self, x: Tree, y: Tree, batch: Episode) -> Tensor:
         """MAML form: the mean query CE of the adapted copies."""
@@ -309,7 +328,7 @@ class FewShotSetup:
             logits = _head_logits(self.features(x, episode.query_x), head)
         else:
             y = _descend(
-                lambda p: self.net_losses(p, episode.support_x, episode.support_y).sum(),
+                lambda p: self.adaptation_loss(x, p, episode.support_x, episode.support_y),
                 _stack(x, tasks),
                 inner_steps,
                 inner_lr,
@@ -379,6 +398,7 @@ def few_shot(
     eval_episodes: int = 100,
     seed: int = 0,
     data_seed: int = 0,
+    proximal: float = 0.0,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> Task:
@@ -391,12 +411,20 @@ def few_shot(
     meta-train batches (``task_data``; ``meta_batch`` episodes per outer step). The callback
     ``val_accuracy`` adapts on ``eval_episodes`` fixed meta-validation episodes (seeded by
     ``data_seed``, so runs with different ``seed`` compare on the same episodes).
+
+    ``proximal=λ > 0`` (MAML form) is iMAML (Rajeswaran, Finn, Kakade, Levine, "Meta-Learning
+    with Implicit Gradients", NeurIPS 2019): the lower loss adds λ/2‖y_t − x‖² per task, so
+    y*(x) depends on x and implicit methods (cg) differentiate it; evaluation adapts with the
+    same term, and the defaults are :func:`imaml_defaults`.
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     make_features, d, sizes = backbone_factory(backbone, hidden, widths, image_size)
     if meta_batch < 1 or eval_episodes < 2 or head_l2 < 0:
         raise ValueError("need meta_batch >= 1, eval_episodes >= 2, head_l2 >= 0")
+    check_nonnegative("proximal", proximal)
+    if proximal and form != "maml":
+        raise ValueError("proximal (iMAML) needs form='maml': the feature form's heads start at 0")
     if root is None:
         root = glyph_dataset(
             n_alphabets=n_alphabets,
@@ -419,7 +447,7 @@ def few_shot(
         else:
             model = features
     model = model.to(dtype=dtype, device=device)
-    defaults = dict(METHOD_DEFAULTS[form])
+    defaults = dict(imaml_defaults(proximal) if proximal else METHOD_DEFAULTS[form])
     setup = FewShotSetup(
         form=form,
         model=model,
@@ -435,6 +463,7 @@ def few_shot(
         inner_steps=defaults["inner_steps"],
         inner_lr=defaults["inner_lr"],
         dtype=dtype,
+        proximal=proximal,
     )
     for split in SPLITS:  # fail now, not at the first evaluation, if a split is too small
         try:
@@ -498,6 +527,7 @@ def few_shot(
             "eval_episodes": eval_episodes,
             "seed": seed,
             "data_seed": data_seed,
+            "proximal": proximal,
             "setup": setup,
         },
         method_defaults=dict(defaults),

@@ -41,6 +41,11 @@ DIGITS_SPLIT = (600, 600)  # train, validation; the remaining 597 digits are the
 # Inner GD step below 2/L: the lower loss's largest Hessian eigenvalue L (power iteration on HVPs,
 # linear model, all weights 1, y trained) is about 13.6 on FashionMNIST and 1.2 on digits.
 INNER_LR = {"fashion_mnist": 0.1, "digits": 1.0}
+# The MLP's lower Hessian is indefinite at the warm-started inner iterates: the damping the
+# methods default to on model="mlp", LancBiO's larger (measurements on digits, 500 steps:
+# benchmarks/implicit_networks/README.md)
+RIDGE_MLP = 0.01
+RIDGE_MLP_LANCBIO = 0.1
 
 
 @dataclass
@@ -270,6 +275,22 @@ def _fit(
     return y
 
 
+def solver_blocks(dataset: str, model: str) -> dict[str, dict[str, object]]:
+    """The per-method linear-solve defaults: J = 5 HVPs, the solve's step = the inner step,
+    on the MLP ``ridge`` = RIDGE_MLP (LancBiO: RIDGE_MLP_LANCBIO); LancBiO's hyper-cleaning
+    schedule (m from 1, ×1.3 every 50 steps, at most 10)."""
+    mlp = model == "mlp"
+    blocks = solver_defaults(
+        solver_iters=5, solver_lr=INNER_LR[dataset], ridge=RIDGE_MLP if mlp else None
+    )
+    blocks.setdefault("lancbio", {}).update(
+        fallback_lr=INNER_LR[dataset], m=1, m_growth=1.3, m_period=50, m_max=10
+    )
+    if mlp:
+        blocks["lancbio"]["ridge"] = RIDGE_MLP_LANCBIO
+    return blocks
+
+
 @register_task("hyper_cleaning")
 def hyper_cleaning(
     dataset: str = "fashion_mnist",
@@ -381,10 +402,7 @@ def hyper_cleaning(
             "inner_lr": INNER_LR[dataset],
             "inner_optimizer": "momentum",
             "warm_start": True,
-            **solver_defaults(solver_iters=5, solver_lr=INNER_LR[dataset]),
-            # LancBiO's hyper-cleaning schedule: m from 1, ×1.3 every 50 steps, at most 10
-            "lancbio": {"fallback_lr": INNER_LR[dataset], "m": 1, "m_growth": 1.3,
-                        "m_period": 50, "m_max": 10},  # fmt: skip
+            **solver_blocks(dataset, model),
         },
         solve_defaults={"steps": 3000, "outer_optimizer": "adam", "outer_lr": 0.3},
     )

