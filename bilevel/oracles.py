@@ -241,7 +241,8 @@ class Oracles:
 
         ``mode="func"`` (default) is ``torch.func.grad``, safe under transforms;
         ``mode="autograd"`` is ``torch.autograd`` on detached leaves, no graph kept: the same
-        numbers ~0.3 ms sooner per call (peer benchmark), for methods' plain steps only.
+        numbers ~0.3 ms sooner per call (peer benchmark), for methods' plain steps only (a
+        representation that is neither a tensor nor a dict of tensors uses torch.func).
         """
         self._count("upper_grad")
         w, pull = self._at("upper", x, batch)
@@ -387,10 +388,7 @@ class Oracles:
             create_graph=create_graph,
             allow_unused=True,
         )
-        return {
-            k: torch.zeros_like(v) if g is None else g
-            for (k, v), g in zip(y.items(), grads, strict=True)
-        }
+        return {k: _or_zeros(g, v) for (k, v), g in zip(y.items(), grads, strict=True)}
 
     def _lower_at(self, w: Any, y: Tree, batch: Any) -> Tensor:
         if self.lower_autocast is None:

@@ -1,8 +1,13 @@
-"""Reference computations written independently of the library (plain torch.autograd)."""
+"""Reference computations written independently of the library (plain torch.autograd), and
+generated test data shared by several test files."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from torch import nn
 
 import bilevel as bl
@@ -95,3 +100,31 @@ def mlp_problem(seed: int = 0):
 
 def strictly_decreasing(values: list[float]) -> bool:
     return all(values[i] > values[i + 1] for i in range(len(values) - 1))
+
+
+def stroke_glyphs(
+    root: Path,
+    alphabets: int,
+    characters: int,
+    drawings: int,
+    size: int,
+    strokes: int,
+    span: tuple[float, float],
+    jitter: float,
+) -> Path:
+    """An Omniglot-layout folder of generated glyphs: each character ``strokes`` random lines
+    with end points uniform in ``span``, each drawing a copy jittered by N(0, ``jitter``) (ink 0
+    on 255, ``size``×``size``); seeded, so every call draws the same glyphs."""
+    rng = np.random.default_rng(0)
+    for a in range(alphabets):
+        for c in range(characters):
+            lines = rng.uniform(*span, size=(strokes, 4))
+            folder = root / f"Alphabet_{a}" / f"character{c + 1:02d}"
+            folder.mkdir(parents=True)
+            for k in range(drawings):
+                img = Image.new("L", (size, size), 255)
+                draw = ImageDraw.Draw(img)
+                for line in lines + rng.normal(0, jitter, size=lines.shape):
+                    draw.line(line.tolist(), fill=0, width=2)
+                img.save(folder / f"{k + 1:02d}.png")
+    return root

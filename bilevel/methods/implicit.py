@@ -75,6 +75,16 @@ def require_lower_reaches_x(problem: Problem, lin: LowerLinearization, method: s
     )
 
 
+def require_lower_reaches_x_once(
+    problem: Problem, lin: LowerLinearization | None, state: ImplicitState, method: str
+) -> None:
+    """:func:`require_lower_reaches_x` at the first step only (``state.checked`` records it;
+    ``lin`` is needed only then)."""
+    if not state.checked:
+        require_lower_reaches_x(problem, lin, method)
+        state.checked = True
+
+
 def check_step_size(matvec: MatVec, b: Tree, lr: float, method: str) -> None:
     """Warn when ``solver_lr`` ≥ 2/λ_max, λ_max estimated by a few power iterations from b
     (counted HVPs; one host read, once per run): the series / iteration then diverges."""
@@ -188,8 +198,9 @@ class ConjugateGradient(Implicit):
     """AID with curvature-aware conjugate gradients on (∇²_yy g + ρI) v = ∇_y f.
 
     Stops at ``solver_iters`` iterations or relative residual ``solver_tol`` (0: no test, no
-    host sync). Negative curvature and a growing residual restart the recurrence (counted in
-    ``info``, see :func:`bilevel.linalg.conjugate_gradient`). Oracles: K inner gradients, 1
+    host sync). Non-positive curvature restarts the recurrence, and a solve ending 10× above
+    its start's residual returns the start (counted in ``info``, see
+    :func:`bilevel.linalg.conjugate_gradient`). Oracles: K inner gradients, 1
     linearisation, J HVPs (+1 for the warm start), 1 mixed product.
     """
 

@@ -28,14 +28,14 @@ from torch import Tensor
 
 from bilevel import tree as tr
 from bilevel.checks import check_int, check_nonnegative, check_positive
-from bilevel.linalg import projected_solve
+from bilevel.linalg import damped, projected_solve
 from bilevel.linearization import LowerLinearization
 from bilevel.methods.base import Method, register
 from bilevel.methods.implicit import (
     RIDGE,
     ImplicitState,
     record_solve,
-    require_lower_reaches_x,
+    require_lower_reaches_x_once,
 )
 from bilevel.problem import Problem
 from bilevel.tree import Tree
@@ -75,21 +75,13 @@ class _Krylov(Method):
         y = self.inner_loop(problem, x, state)
         gx, gy = problem.grad_upper(x, y, problem.upper_batch(), mode="autograd")
         lin = problem.linearize_lower(x, y, problem.lower_batch())
-        self._check_once(problem, lin, state)
+        require_lower_reaches_x_once(problem, lin, state, self.name)
         return y, gx, gy, lin
-
-    def _check_once(self, problem: Problem, lin: LowerLinearization, state: ImplicitState) -> None:
-        """The first step's check that the lower loss depends on x."""
-        if not state.checked:
-            require_lower_reaches_x(problem, lin, self.name)
-            state.checked = True
 
     def _flat_hvp(self, lin: LowerLinearization, like: Tree):
         """Flat v ↦ flat (∇²_yy g + ρI) · v (one counted HVP per call)."""
-        rho = self.ridge
-        if rho == 0:
-            return lambda v: tr.flatten(lin.hvp(tr.unflatten(v, like)))
-        return lambda v: tr.flatten(lin.hvp(tr.unflatten(v, like))) + rho * v
+        hvp = damped(lin.hvp, self.ridge)
+        return lambda v: tr.flatten(hvp(tr.unflatten(v, like)))
 
 
 @register("subbio")
@@ -301,7 +293,7 @@ class LancBiO(_Krylov):
                 state.batch = batch
             batch = state.batch
         lin = problem.linearize_lower(x, y, batch)
-        self._check_once(problem, lin, state)
+        require_lower_reaches_x_once(problem, lin, state, self.name)
         matvec = self._flat_hvp(lin, y)
         b, v_prev = tr.flatten(gy), tr.flatten(state.v)
         if restart:
@@ -323,9 +315,10 @@ class LancBiO(_Krylov):
         basis = torch.stack(state.basis)
         off = torch.stack(state.betas) if state.betas else alpha.new_zeros(0)
         rhs = basis @ r
-        s, positive = projected_solve(torch.stack(state.alphas), off, rhs)
+        alphas = torch.stack(state.alphas)
+        s, positive = projected_solve(alphas, off, rhs)
         candidate = state.anchor + s @ basis
-        scale = torch.stack(state.alphas).abs().max() + 2 * torch.cat([off.abs(), r[:1] * 0]).max()
+        scale = alphas.abs().max() + (2 * off.abs().max() if off.numel() else 0.0)
         sqrt_eps = torch.finfo(b.dtype).eps ** 0.5
         bounded = torch.linalg.vector_norm(s) * sqrt_eps * scale <= torch.linalg.vector_norm(rhs)
         # ‖(A + ρI)⁻¹ b‖ ≤ ‖b‖/ρ when A ⪰ 0: with a ridge, a longer v comes from negative

@@ -32,7 +32,7 @@ from bilevel.methods.implicit import (
     NeumannSeries,
     check_step_size,
     record_solve,
-    require_lower_reaches_x,
+    require_lower_reaches_x_once,
 )
 from bilevel.problem import Problem
 from bilevel.tree import Tree
@@ -96,18 +96,18 @@ class SOBA(Method):
         gx, gy = problem.grad_upper(x, y, problem.upper_batch(), mode="autograd")
         if problem.lower_data is None:  # one batch for both products: one linearisation
             lin = problem.linearize_lower(x, y, problem.lower_batch())
-            hvp, mixed = lin.hvp(v), lin.mixed(v)
+            hvp_of, mixed_of = lin.hvp, lin.mixed
         else:
             batch = problem.lower_batch()
-            if not state.checked:  # the one-off check needs a linearisation of its own
+            lin = None  # the first step's check needs a linearisation of its own
+            if not state.checked:
                 with problem.uncounted():
                     lin = problem.linearize_lower(x, y, batch)
-            hvp = problem.hvp_lower_yy(x, y, v, batch)
-            mixed = problem.mixed_lower_xy(x, y, v, problem.lower_batch())
-        if not state.checked:
-            require_lower_reaches_x(problem, lin, self.name)
-            state.checked = True
-        hvp = tr.axpy(self.ridge, v, hvp) if self.ridge else hvp
+            hvp_of = lambda u: problem.hvp_lower_yy(x, y, u, batch)  # noqa: E731
+            mixed_of = lambda u: problem.mixed_lower_xy(x, y, u, problem.lower_batch())  # noqa: E731
+        require_lower_reaches_x_once(problem, lin, state, self.name)
+        hvp = damped(hvp_of, self.ridge)(v)
+        mixed = mixed_of(v)
         residual = tr.sub(hvp, gy)  # A v − b: the v-direction and a free residual estimate
         hg = tr.sub(gx, mixed)
         state.v = tr.axpy(-self.solver_lr, residual, v)

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 import bilevel as bl
 from bilevel.data.glyphs import FONT_PACKAGES, discover_fonts
 from bilevel.tasks.few_shot import evaluate, few_shot
 
-from helpers import relative_error
+from helpers import relative_error, stroke_glyphs
 
 TINY = {"n_way": 3, "k_shot": 2, "n_query": 2, "meta_batch": 2, "hidden": 4, "eval_episodes": 4}
 TINY["image_size"] = 16  # conv-4 minimum: keeps the tests fast
@@ -25,19 +23,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """6 alphabets x 6 characters x 6 drawings: each character is a random set of strokes,
     each drawing a jittered copy of them (ink 0 on 255, as Omniglot)."""
     root = tmp_path_factory.mktemp("omniglot")
-    rng = np.random.default_rng(0)
-    for a in range(6):
-        for c in range(6):
-            strokes = rng.uniform(4, 24, size=(3, 4))
-            folder = root / f"Alphabet_{a}" / f"character{c + 1:02d}"
-            folder.mkdir(parents=True)
-            for k in range(6):
-                img = Image.new("L", (28, 28), 255)
-                draw = ImageDraw.Draw(img)
-                for line in strokes + rng.normal(0, 1, size=strokes.shape):
-                    draw.line(line.tolist(), fill=0, width=2)
-                img.save(folder / f"{k + 1:02d}.png")
-    return root
+    return stroke_glyphs(root, 6, 6, 6, size=28, strokes=3, span=(4, 24), jitter=1.0)
 
 
 def _task(root: Path, **options) -> bl.tasks.Task:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 from torch.func import grad
 
 import bilevel as bl
 from bilevel.tasks.few_shot import few_shot
+
+from helpers import stroke_glyphs
 
 # BatchNorm over a 4-image support set makes the CE's Hessian at x span about [−39, 43] (156
 # weights), and with a small λ the minimiser sits on a ReLU/max-pool kink (GD and Newton both
@@ -29,19 +29,7 @@ TINY = {"n_way": 2, "k_shot": 2, "n_query": 2, "meta_batch": 1, "hidden": 2, "im
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 alphabets x 2 characters x 4 drawings of random strokes (ink 0 on 255)."""
     root = tmp_path_factory.mktemp("omniglot")
-    rng = np.random.default_rng(0)
-    for a in range(3):
-        for c in range(2):
-            strokes = rng.uniform(2, 14, size=(2, 4))
-            folder = root / f"Alphabet_{a}" / f"character{c + 1:02d}"
-            folder.mkdir(parents=True)
-            for k in range(4):
-                img = Image.new("L", (16, 16), 255)
-                draw = ImageDraw.Draw(img)
-                for line in strokes + rng.normal(0, 0.5, size=strokes.shape):
-                    draw.line(line.tolist(), fill=0, width=2)
-                img.save(folder / f"{k + 1:02d}.png")
-    return root
+    return stroke_glyphs(root, 3, 2, 4, size=16, strokes=2, span=(2, 14), jitter=0.5)
 
 
 def _lower_solution(problem: bl.Problem, x: dict, batch) -> dict:
