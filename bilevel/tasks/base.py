@@ -7,6 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from bilevel.checks import reject_renamed_options, reject_unknown_options
 from bilevel.methods.base import Method, method_class, methods_available
 from bilevel.problem import Problem
@@ -80,6 +83,12 @@ def solver_defaults(
             for name in names:
                 blocks.setdefault(name, {})[option] = value
     return blocks
+
+
+def proximal_term(x: Tree, y: Tree, strength: float) -> Tensor:
+    """iMAML's λ/2 Σ_t ‖y_t − x‖² (Rajeswaran, Finn, Kakade, Levine, NeurIPS 2019) over
+    per-task copies y of x (a leading task dimension on every leaf of y)."""
+    return 0.5 * strength * sum(torch.sum((y[k] - x[k]) ** 2) for k in y)
 
 
 def check_method_defaults(task: str, defaults: dict[str, Any]) -> None:

@@ -43,7 +43,7 @@ from bilevel.data.omniglot import load_omniglot
 from bilevel.modules import functional, params
 from bilevel.problem import Problem
 from bilevel.solve import StepContext
-from bilevel.tasks.base import Task, register_task, solver_defaults
+from bilevel.tasks.base import Task, proximal_term, register_task, solver_defaults
 from bilevel.tasks.resnet12 import WIDTHS, check_widths, resnet12
 from bilevel.tree import Tree
 
@@ -269,7 +269,7 @@ class FewShotSetup:
         per task when ``proximal`` = λ > 0."""
         loss = self.net_losses(y, images, labels).sum()
         if self.proximal:
-            loss = loss + 0.5 * self.proximal * sum((y[k] - x[k]).square().sum() for k in y)
+            loss = loss + proximal_term(x, y, self.proximal)
         return loss
 
     def lower(self, x: Tree, y: Tree, batch: Episode) -> Tensor:

@@ -24,7 +24,7 @@ from bilevel.checks import check_nonnegative
 from bilevel.modules import functional, params
 from bilevel.problem import Problem
 from bilevel.solve import StepContext
-from bilevel.tasks.base import Task, register_task, solver_defaults
+from bilevel.tasks.base import Task, proximal_term, register_task, solver_defaults
 from bilevel.tree import Tree
 
 AMPLITUDE = (0.1, 5.0)
@@ -153,9 +153,7 @@ def sinusoid(
         # a sum, so each task's copy takes its own step of inner_lr whatever the meta-batch
         loss = per_task(y, inputs, targets).sum()
         if proximal:
-            loss = loss + 0.5 * proximal * sum(
-                torch.sum((y[k] - x[k].unsqueeze(0)) ** 2) for k in y
-            )
+            loss = loss + proximal_term(x, y, proximal)
         return loss
 
     def lower(x: Tree, y: Tree, batch: SineTasks) -> Tensor:
