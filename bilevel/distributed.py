@@ -103,6 +103,14 @@ def broadcast_(t: Tree, src: int = 0) -> None:
             dist.broadcast(value.data, src)
 
 
+def shared_seed(device: torch.device | str = "cpu") -> int:
+    """A seed drawn from torch's global RNG (which ``bl.solve(seed=...)`` seeds), rank 0's on
+    every rank so that all ranks draw the same directions or noise (one host read)."""
+    seed = {"seed": torch.randint(0, 2**62, (), dtype=torch.int64).to(device)}
+    broadcast_(seed)
+    return int(seed["seed"])
+
+
 def barrier() -> None:
     if is_active():
         dist.barrier()

@@ -164,10 +164,7 @@ class Perturbed(Method):
         torch.distributed (one host read at ``init``, none per step)."""
         if self.seed is not None:
             return self.seed
-        device = next(iter(x.values())).device
-        seed = {"seed": torch.randint(0, 2**62, (), dtype=torch.int64).to(device)}
-        distributed.broadcast_(seed)
-        return int(seed["seed"])
+        return distributed.shared_seed(next(iter(x.values())).device)
 
     def step(self, problem: Problem, x: Tree, state: ESState) -> tuple[Tree, ESState]:
         # under torch.distributed each rank runs its share of the directions and one all-reduce

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
+from bilevel import distributed
 from bilevel import tree as tr
 from bilevel.checks import check_int, check_positive
 from bilevel.inner import InnerOptimizer
@@ -78,7 +79,7 @@ class SGLD(Method):
       - ``covariance``: the exact identity ∇F_τ = E[∇_x f] − Cov(f, ∇_x g)/τ with running sums;
         the reference (its only bias is the chain's discretization).
     ``seed``: the noise seed; ``None`` draws it from torch's global RNG at ``init`` (so
-    ``bl.solve(seed=...)`` varies it).
+    ``bl.solve(seed=...)`` varies it; rank 0's draw under torch.distributed, as ES's).
     ``temperature``: τ; when it is ``None`` and ``data_size`` N (the number of samples the lower
     loss averages) is given, τ = 1/N — the Bayesian posterior exp(−N·g) of a mean loss — else
     ``DEFAULT_TEMPERATURE`` (1e-3). An explicit ``temperature`` wins over ``data_size``.
@@ -159,7 +160,7 @@ class SGLD(Method):
             _check_per_parameter(x, base.y)
         seed = self.seed
         if seed is None:  # from the global RNG, which solve seeds: runs differ by seed
-            seed = int(torch.randint(0, 2**62, ()))
+            seed = distributed.shared_seed(next(iter(x.values())).device)
         return LangevinState(y=base.y, y0=base.y0, noise_seed=seed)
 
     def _start(self, problem: Problem, x: Tree, state: LangevinState) -> tuple[Tree, Tree | None]:
