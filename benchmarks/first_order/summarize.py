@@ -5,8 +5,9 @@
 SETTING/LABEL/METHOD-sSEED/metrics.jsonl (written by run_all.sh) -> SETTING/table.md and
 SETTING/METRIC.png: each metric against outer steps, gradient-oracle calls, all oracle calls
 and CPU seconds (evaluation excluded), one colour per label, one line per seed. Oracle calls
-are split into first-order gradients (∇_y g, ∇_x g, (∇_x f, ∇_y f)), second-order products
-(HVPs, mixed products, JVPs) and evaluations, each counted as one call.
+are split into first-order gradients (∇_y g, ∇_x g, (∇_x f, ∇_y f), and a linearisation: one
+∇_y g pass that keeps its graph), second-order products (HVPs, mixed products, JVPs) and
+evaluations, each counted as one call. The tables give wall and CPU seconds.
 """
 
 from __future__ import annotations
