@@ -43,6 +43,9 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
 BENCH = "bench.yaml"
+# written when a run stopped on NaN/Inf (bl.NonFiniteError): a benchmark records it as that
+# seed's outcome and goes on, and does not rerun it on resume
+STOPPED = "stopped.yaml"
 SHARDS = ("auto", "data", "none")
 # settings a resume may change: they decide when the run stops and how fast it goes, not what
 # its finished steps mean (steps may not drop below the steps already done)
@@ -199,10 +202,16 @@ def run(config: RunConfig, out: str | Path, resume: bool = False, progress: bool
         elif resume and progress:
             print(f"no completed step in {out}: starting from step 0", file=sys.stderr)
         (out / CONFIG).write_text(yaml.safe_dump(_record(config, prepared), sort_keys=False))
+        (out / STOPPED).unlink(missing_ok=True)  # a continued run gets a new outcome
         with open(out / METRICS, "w") as stream:
             for row in rows:  # rows after the checkpoint are recomputed, not kept twice
                 _write_row(stream, row)
-            return _solve(config, prepared, out, stream, progress)
+            try:
+                return _solve(config, prepared, out, stream, progress)
+            except bl.NonFiniteError as err:
+                record = {"reason": "non-finite", "message": str(err)}
+                (out / STOPPED).write_text(yaml.safe_dump(record, sort_keys=False))
+                raise
 
 
 def _shard(problem, how: str) -> None:
@@ -398,6 +407,8 @@ def bench(
     ``out`` records the invocation in ``bench.yaml``: a folder holding another benchmark is
     refused, this one is continued only with ``resume=True`` (finished runs are kept,
     interrupted ones continued, missing ones started), and the table shows only its runs.
+    A run that stops on NaN/Inf is that seed's result: its folder holds ``stopped.yaml``, the
+    table says "non-finite" under "stopped by", the benchmark goes on, and a resume keeps it.
     """
     out = Path(out)
     check_int("seeds", seeds, 1)
@@ -433,11 +444,13 @@ def bench(
             print(f"bench {task}: methods {', '.join(methods)}, {seed_list}, {limit} -> {out}",
                   flush=True)  # fmt: skip
         for config, folder in zip(configs, folders, strict=True):
+            if resume and (folder / STOPPED).exists():
+                continue  # it stopped on NaN/Inf: rerunning it would only repeat that
             again = resume and ((folder / CONFIG).exists() or (folder / CHECKPOINT).exists())
             _run_subprocess(config, folder, again, quiet)
         runs = collect(out, folders)
         stops = {m: [stop_reason(f) for f in folders if f.name.rsplit("-s", 1)[0] == m]
-                 for m in runs}  # fmt: skip
+                 for m in methods}  # fmt: skip
         references = reference_task.references() if reference_task.references else {}
         table = out / "table.md"
         table.write_text(markdown_table(runs, budget, references, stops))
@@ -491,6 +504,10 @@ def _run_subprocess(config: RunConfig, folder: Path, resume: bool, quiet: bool) 
     if done.returncode != 0:
         lines = [line.removeprefix("bilevel: error: ")
                  for line in done.stderr.strip().splitlines()[-20:]]  # fmt: skip
+        if (folder / STOPPED).exists():  # a result (the method diverged), not a failure
+            print(f"  {config.method} seed {config.seed} stopped on NaN/Inf: {lines[-1]}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return
         raise RuntimeError(
             f"run {config.method} seed {config.seed} failed (exit {done.returncode}): "
             + "\n".join(lines)
@@ -498,7 +515,10 @@ def _run_subprocess(config: RunConfig, folder: Path, resume: bool, quiet: bool) 
 
 
 def stop_reason(folder: Path) -> str:
-    """What ended the run in ``folder``: ``"steps"``, ``"budget"`` or ``"unfinished"``."""
+    """What ended the run in ``folder``: ``"steps"``, ``"budget"``, ``"non-finite"`` (it
+    stopped on NaN/Inf, see its ``stopped.yaml``) or ``"unfinished"``."""
+    if (folder / STOPPED).exists():
+        return "non-finite"
     try:
         record = yaml.safe_load((folder / CONFIG).read_text())
         rows = read_metrics(folder)
@@ -558,14 +578,16 @@ def markdown_table(
 ) -> str:
     """Median [IQR] over seeds of each metric at the end of each run, then one row per
     reference point (first seed). ``stops`` ({method: [what stopped each seed's run]}, see
-    :func:`stop_reason`) gives the headline and a "stopped by" column."""
+    :func:`stop_reason`) gives the headline and a "stopped by" column, and a row (its seeds
+    counted) also for a method whose runs stopped before logging a row."""
     metrics = metric_names(runs)
     columns = ["steps", "seconds", *metrics, "oracle calls", "peak MB"]
     stopped = ["stopped by"] if stops is not None else []
     lines = [f"{_headline(budget, stops)}; median [interquartile range] over seeds.", "",
              "| method | seeds | " + " | ".join(stopped + columns) + " |",
              "|---|---|" + "---|" * len(stopped + columns)]  # fmt: skip
-    for method, histories in runs.items():
+    for method in dict.fromkeys([*runs, *(stops or {})]):
+        histories = runs.get(method, [])
         finals = [rows[-1] for rows in histories]
         cells = []
         for column in columns:
@@ -576,9 +598,11 @@ def markdown_table(
                 continue
             median, low, high = _quartiles(values)
             cells.append(f"{_fmt(median)} [{_fmt(low)}, {_fmt(high)}]")
+        seeds = len(histories)
         if stops is not None:
             cells.insert(0, _tally(stops.get(method, [])))
-        lines.append(f"| {method} | {len(histories)} | " + " | ".join(cells) + " |")
+            seeds = max(seeds, len(stops.get(method, [])))
+        lines.append(f"| {method} | {seeds} | " + " | ".join(cells) + " |")
     for name, values in (references or {}).items():
         cells = ["–"] * len(stopped) + [_fmt(values[c]) if c in values else "–" for c in columns]
         lines.append(f"| reference: {name} | 1 | " + " | ".join(cells) + " |")

@@ -27,13 +27,16 @@ class SolveInfo:
     ``negative_curvature`` (directions with pᵀAp ≤ 0: no step, the recurrence restarted),
     ``restarts`` (those, plus 1 when the solve ended 10× above its start's residual and
     returned the start) and ``warm_start_dropped`` (1 when the warm start did not lower the
-    residual)."""
+    residual). The stationary iterations (Neumann, fixed point) set ``diverged`` (a 0-dim
+    bool): the residual ended 10× above ‖b‖, which a step below 2/λ_max never does on a
+    positive semi-definite A (each iteration multiplies the residual by I − lr·A)."""
 
     iterations: int
     residual: Tensor | None
     negative_curvature: Tensor | None = None
     restarts: Tensor | None = None
     warm_start_dropped: Tensor | None = None
+    diverged: Tensor | None = None
 
 
 def damped(matvec: MatVec, rho: float) -> MatVec:
@@ -43,7 +46,8 @@ def damped(matvec: MatVec, rho: float) -> MatVec:
     return lambda v: tr.axpy(rho, v, matvec(v))
 
 
-# a CG solve that ends with its residual this many times above its start returns the start
+# a CG solve that ends with its residual this many times above its start returns the start;
+# a Neumann / fixed-point residual this many times above ‖b‖ marks the iteration diverged
 _GROWTH = 10.0
 
 
@@ -66,10 +70,11 @@ def conjugate_gradient(
     away from a minimum: a direction of (numerically) non-positive curvature pᵀAp ≤ ε‖p‖²
     takes no step and restarts the recurrence along the residual (steepest descent), counted
     in ``negative_curvature``; a solve that ends with its residual 10× above its start's (or
-    non-finite) returns its start instead. ``restarts`` counts both events. On a positive
-    definite A neither fires and the iterates are plain CG's. ‖p‖² follows the CG recurrence
-    ‖p‖² ← ‖r‖² + β²‖p‖², and each update is one fused ``addcmul`` per tensor, so the guarded
-    iteration costs about as many operations as an unguarded one.
+    non-finite) returns its start instead, with the start's residual when its own is finite
+    (a NaN one is returned for the caller to see). ``restarts`` counts both events. On a
+    positive definite A neither fires and the iterates are plain CG's. ‖p‖² follows the CG
+    recurrence ‖p‖² ← ‖r‖² + β²‖p‖², and each update is one fused ``addcmul`` per tensor, so
+    the guarded iteration costs about as many operations as an unguarded one.
     """
     if maxiter < 0:
         raise ValueError(f"maxiter must be >= 0, got {maxiter}")
@@ -109,7 +114,8 @@ def conjugate_gradient(
     negative = (~torch.stack(curvature)).sum() if curvature else torch.zeros_like(dropped)
     grew = ~(rr <= _GROWTH**2 * start_rr)  # NaN grows too
     x = tr.where(grew, start_x, x)
-    rr = torch.where(grew, start_rr, rr)
+    # a non-finite residual is kept: a NaN product must not pass unseen behind the start
+    rr = torch.where(grew & torch.isfinite(rr), start_rr, rr)
     info = SolveInfo(len(curvature), torch.sqrt(rr), negative, negative + grew, dropped)
     return x, info
 
@@ -119,7 +125,7 @@ def neumann(matvec: MatVec, b: Tree, lr: float, terms: int) -> tuple[Tree, Solve
 
     Converges when lr < 2/L (L the largest eigenvalue of A). Uses ``terms − 1`` matvecs. The
     residual is that of the series one term shorter, ‖(I − lr·A)^(terms−1) b‖ (the returned
-    v's would cost one more matvec).
+    v's would cost one more matvec); ``diverged`` when it ends 10× above ‖b‖.
     """
     if terms < 1:
         raise ValueError(f"the Neumann series needs at least one term, got {terms}")
@@ -128,7 +134,9 @@ def neumann(matvec: MatVec, b: Tree, lr: float, terms: int) -> tuple[Tree, Solve
     for _ in range(terms - 1):
         p = tr.axpy(-lr, matvec(p), p)
         total = tr.add(total, p)
-    return tr.scale(total, lr), SolveInfo(iterations=terms - 1, residual=tr.norm(p))
+    residual = tr.norm(p)
+    info = SolveInfo(terms - 1, residual, diverged=_diverged(residual, b))
+    return tr.scale(total, lr), info
 
 
 def fixed_point(
@@ -138,7 +146,8 @@ def fixed_point(
 
     A warm start ``x0`` whose residual exceeds ‖b‖ is dropped (start from 0; free: the first
     iteration computes A x0 anyway). The residual is that of the last iterate the loop
-    evaluated, one step before the returned v (‖b‖ when ``iters`` is 0).
+    evaluated, one step before the returned v (‖b‖ when ``iters`` is 0); ``diverged`` when it
+    ends 10× above ‖b‖.
     """
     v = tr.zeros_like(b) if x0 is None else x0
     residual = tr.norm(b)
@@ -152,7 +161,13 @@ def fixed_point(
             v, r = tr.where(keep, v, tr.zeros_like(b)), tr.where(keep, r, tr.scale(b, -1.0))
             residual = torch.where(keep, residual, tr.norm(b))
         v = tr.axpy(-lr, r, v)
-    return v, SolveInfo(iterations=iters, residual=residual, warm_start_dropped=dropped)
+    info = SolveInfo(iters, residual, warm_start_dropped=dropped, diverged=_diverged(residual, b))
+    return v, info
+
+
+def _diverged(residual: Tensor, b: Tree) -> Tensor:
+    """Whether a stationary iteration's residual ended 10× above ‖b‖ (NaN counts)."""
+    return ~(residual <= _GROWTH * tr.norm(b))
 
 
 def largest_eigenvalue(matvec: MatVec, start: Tree, iters: int = 5) -> Tensor:

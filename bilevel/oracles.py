@@ -51,8 +51,9 @@ ORACLES = (
 
 
 SOLVE = "linear solve"  # the flag of a rejected linear solve (not an oracle)
+STEP_SIZE = "solver step size"  # the flag of a diverged Neumann / fixed-point iteration
 # what a broken linear solve flags: its products and the estimate built from them
-_SOLVE_SIDE = {SOLVE, "hvp", "mixed", "linearize", "hypergradient (squared)"}
+_SOLVE_SIDE = {SOLVE, STEP_SIZE, "hvp", "mixed", "linearize", "hypergradient (squared)"}
 
 
 class NonFiniteError(FloatingPointError):
@@ -163,8 +164,16 @@ class Oracles:
         totals = [torch.stack([s.to(device) for s in sums[n]]).sum() for n in names]
         finite = torch.isfinite(torch.stack(totals))
         bad = [name for name, ok in zip(names, finite.tolist(), strict=True) if not ok]
-        if SOLVE in bad and set(bad) <= _SOLVE_SIDE:
-            # the inner loop's own oracles are fine: the linear solve is what broke
+        solve_side = set(bad) <= _SOLVE_SIDE  # the inner loop's own oracles are fine
+        if STEP_SIZE in bad and solve_side:
+            raise NonFiniteError(
+                f"the Neumann / fixed-point linear solve diverged at outer step {step}: its "
+                "residual ended more than 10× above ‖∇_y f‖, so solver_lr is above 2/λ_max of "
+                "the damped lower Hessian at this inner iterate (λ_max can grow as the inner "
+                "problem trains, past what the first step's check saw); lower solver_lr, or "
+                "use cg"
+            )
+        if SOLVE in bad and solve_side:
             raise NonFiniteError(
                 f"the linear solve (∇²_yy g + ρI) v = ∇_y f broke down at outer step {step} "
                 f"({', '.join(bad)} flagged): v or the hypergradient is non-finite, or ‖v‖ "
@@ -173,19 +182,20 @@ class Oracles:
                 "larger one), or use 'itd'"
             )
         if bad:
+            oracles = ", ".join(b for b in bad if b not in (SOLVE, STEP_SIZE))
             raise NonFiniteError(
-                f"oracle(s) {', '.join(b for b in bad if b != SOLVE)} produced NaN/Inf at "
-                f"outer step {step}; the inner loop may diverge (lower inner_lr) or the losses "
-                "overflow"
+                f"oracle(s) {oracles} produced NaN/Inf at outer step {step}; the inner loop "
+                "may diverge (lower inner_lr) or the losses overflow"
             )
 
-    def watch_solve(self, bad: Tensor) -> None:
+    def watch_solve(self, bad: Tensor, flag: str = SOLVE) -> None:
         """Flag a linear solve whose v or hypergradient was rejected (a 0-dim bool tensor, no
-        host sync); :meth:`raise_if_nonfinite` then names the linear solve."""
+        host sync); :meth:`raise_if_nonfinite` then names the linear solve (``flag``
+        STEP_SIZE: a diverged stationary iteration, named with its step)."""
         if not self.check_finite or not self._counting or not self._watching:
             return
-        flag = torch.where(bad, torch.nan, 0.0).to(torch.float64)  # NaN marks it, as a sum
-        self._nonfinite.setdefault(SOLVE, []).append(flag)
+        marked = torch.where(bad, torch.nan, 0.0).to(torch.float64)  # NaN marks it, as a sum
+        self._nonfinite.setdefault(flag, []).append(marked)
 
     def _record(self, oracle: str, out: Tree) -> None:
         self._count(oracle)

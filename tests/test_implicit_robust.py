@@ -3,11 +3,14 @@ curvature guards, the x-free lower loss error and the iMAML preset."""
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 import torch
 
 import bilevel as bl
-from bilevel.linalg import conjugate_gradient
+from bilevel.linalg import conjugate_gradient, fixed_point, neumann
 from bilevel.tasks import make
 
 from helpers import relative_error
@@ -120,12 +123,79 @@ def test_implicit_methods_refuse_an_x_free_lower_loss(name):
 
 
 def test_solve_error_names_the_linear_solve():
+    # A + ρI has an eigenvalue 1e-4: CG solves it, and v ≈ 1e4·b along it is far beyond the
+    # bound ‖b‖/ρ of a positive semi-definite A; the error names the solve, not the inner loop
+    diag = torch.tensor([2.0, 1.0, -0.0999, 0.3], dtype=torch.float64)
+    c = torch.ones(4, dtype=torch.float64)
+    problem = bl.Problem(
+        upper=lambda x, y, _: 0.5 * torch.sum((y["y"] - c) ** 2),
+        lower=lambda x, y, _: 0.5 * torch.sum(diag * y["y"] ** 2) - y["y"] @ x["x"],
+    )
+    x, y0 = {"x": torch.zeros(4, dtype=torch.float64)}, {"y": torch.zeros(4, dtype=torch.float64)}
+    method = bl.method("cg", inner_steps=0, ridge=0.1, solver_iters=4, solver_tol=0.0)
+    with pytest.raises(bl.NonFiniteError, match=r"linear solve .*broke down.*ridge.*itd"):
+        bl.hypergrad(problem, x, y0, method)
+
+
+def test_cg_returns_its_start_and_a_nan_residual_after_a_nan_product():
+    b = {"v": torch.ones(3, dtype=torch.float64)}
+    v, info = conjugate_gradient(lambda p: {"v": p["v"] * float("nan")}, b, None, 4, 0.0)
+    assert torch.equal(v["v"], torch.zeros(3, dtype=torch.float64))
+    assert torch.isnan(info.residual)
+
+
+def test_a_nan_hessian_product_inside_cg_is_named_as_the_linear_solve():
+    # |y|^1.5 has a gradient at y = 0 (zero) but no second derivative: every HVP is non-finite,
+    # while the inner and upper gradients are finite
+    problem = bl.Problem(
+        upper=lambda x, y, _: 0.5 * torch.sum((y["y"] - 1.0) ** 2),
+        lower=lambda x, y, _: 0.5 * torch.sum(y["y"] ** 2)
+        + torch.sum(torch.abs(y["y"]) ** 1.5)
+        - y["y"] @ x["x"],
+    )
+    x, y0 = {"x": torch.zeros(3, dtype=torch.float64)}, {"y": torch.zeros(3, dtype=torch.float64)}
+    method = bl.method("cg", inner_steps=0, solver_iters=3, solver_tol=0.0)
+    with pytest.raises(bl.NonFiniteError, match=r"linear solve .*broke down.*non-finite"):
+        bl.hypergrad(problem, x, y0, method)
+
+
+@pytest.mark.parametrize("name", ["neumann", "fixed_point"])
+def test_a_step_above_two_over_lambda_max_is_warned_then_named_when_it_diverges(name):
     problem, x, y_star, a, b, c = _quadratic()
-    # a step far above 2/λ_max: warned at the first step, then the iteration blows up
-    method = bl.method("fixed_point", inner_steps=0, ridge=1e-3, solver_iters=200, solver_lr=50.0)
+    method = bl.method(name, inner_steps=0, solver_iters=20, solver_lr=50.0)
     warned = pytest.warns(RuntimeWarning, match="solver_lr=50 is at least 2/λ_max")
-    with warned, pytest.raises(bl.NonFiniteError, match=r"linear solve.*ridge.*itd"):
+    with warned, pytest.raises(bl.NonFiniteError, match=r"diverged.*lower solver_lr"):
         bl.hypergrad(problem, x, y_star, method)
+
+
+@pytest.mark.parametrize("name", ["neumann", "fixed_point"])
+def test_curvature_that_outgrows_the_first_steps_check_stops_the_run(name):
+    # ∇²_yy g = eˣ I grows as x does (the hypergradient is −3 whatever x): η = 1.5 is below
+    # 2/λ_max = 2 at x = 0, so the first step's check is silent, and above it from x ≈ 0.3
+    problem = bl.Problem(
+        upper=lambda x, y, _: 0.5 * torch.sum(y["y"] ** 2) - 3.0 * x["x"],
+        lower=lambda x, y, _: 0.5 * torch.exp(x["x"]) * torch.sum((y["y"] - 1.0) ** 2),
+    )
+    x = {"x": torch.zeros((), dtype=torch.float64)}
+    y = {"y": torch.ones(3, dtype=torch.float64)}
+    method = bl.method(name, inner_steps=0, solver_iters=5, solver_lr=1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(bl.NonFiniteError, match=r"diverged at outer step (\d+)") as caught:
+            bl.solve(problem, x, y, method, steps=20, outer_optimizer="sgd", outer_lr=0.1)
+    step = int(re.search(r"outer step (\d+)", str(caught.value)).group(1))
+    assert 1 <= step <= 5  # x = 0.3·step: diverging 10× in 5 HVPs needs eˣ > 1.72
+
+
+def test_stationary_solvers_flag_divergence_only_above_two_over_lambda_max():
+    a = torch.diag(torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64))
+    b = {"v": torch.ones(3, dtype=torch.float64)}
+    matvec = lambda v: {"v": a @ v["v"]}  # noqa: E731
+    for lr, diverged in [(0.45, False), (0.8, True)]:  # 2/λ_max = 0.5
+        _, series = neumann(matvec, b, lr, 10)
+        _, iteration = fixed_point(matvec, b, None, lr, 10)
+        assert bool(series.diverged) is diverged
+        assert bool(iteration.diverged) is diverged
 
 
 def test_imaml_preset_gives_implicit_methods_an_x_dependent_lower_loss():

@@ -497,6 +497,25 @@ def test_bench_options_for_one_method(tmp_path, capsys):
     one_line(err, "method options for itd, which is not benchmarked")
 
 
+def test_a_run_that_diverges_is_a_benchmark_result_not_its_end(tmp_path, capsys):
+    # neumann with a step far above 2/λ_max diverges at its first step; cg runs on after it,
+    # the table says which run stopped on NaN/Inf, and a resume does not rerun it
+    out = tmp_path / "B"
+    args = ["bench", "quadratic", "--methods", "neumann,cg", "--seeds", "1", "--steps", "3",
+            "-o", "neumann.solver_lr=1000", "--out", out, "--quiet"]  # fmt: skip
+    code, err = cli(capsys, *args)
+    assert code == 0, err
+    stopped = yaml.safe_load((out / "neumann-s0" / "stopped.yaml").read_text())
+    assert stopped["reason"] == "non-finite" and "solver_lr" in stopped["message"]
+    assert any("neumann seed 0 stopped on NaN/Inf" in line for line in err)
+    table = (out / "table.md").read_text()
+    assert "| neumann | 1 | non-finite |" in table and "| cg | 1 | steps |" in table
+    before = snapshot(out / "neumann-s0")
+    code, err = cli(capsys, *args, "--resume")
+    assert code == 0, err
+    assert snapshot(out / "neumann-s0") == before
+
+
 def test_bench_refuses_what_it_would_ignore(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("task: quadratic\nmethod: cg\n")
     code, err = cli(capsys, "bench", "--config", tmp_path / "c.yaml", "--out", tmp_path / "B")

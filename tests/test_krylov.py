@@ -10,6 +10,7 @@ import torch
 import bilevel as bl
 from bilevel import linalg
 from bilevel.tasks import QuadraticData, quadratic
+from bilevel.tasks.minibatch_quadratic import minibatch_quadratic
 
 from helpers import relative_error
 
@@ -294,32 +295,11 @@ def test_subbio_default_eta_converges_when_two_over_l_is_below_a_tenth():
         bl.method("subbio", solver_lr=0.0)
 
 
-def _minibatch_quadratic(n: int = 20, batches: int = 8, seed: int = 0):
-    """Lower batch i: ½yᵀA_i y − yᵀ(Bx + c) with A_i = X_iᵀX_i/64 + I/2 (rows scaled so the
-    spectrum spans ~[0.5, 50]): every batch has its own Hessian. Returns the problem, x, y0 and
-    v* = Ā⁻¹(y* − t) of the mean problem."""
-    g = torch.Generator().manual_seed(seed)
-    scales = torch.linspace(1.0, 50**0.5, n, dtype=torch.float64)
-    xs = [torch.randn(64, n, generator=g, dtype=torch.float64) * scales for _ in range(batches)]
-    As = torch.stack([X.T @ X / 64 + 0.5 * torch.eye(n, dtype=torch.float64) for X in xs])
-    B = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    c, t = (torch.randn(n, generator=g, dtype=torch.float64) for _ in range(2))
-    problem = bl.Problem(
-        upper=lambda x, y, _: 0.5 * torch.sum((y["y"] - t) ** 2),
-        lower=lambda x, y, i: 0.5 * y["y"] @ (As[i] @ y["y"]) - y["y"] @ (B @ x["x"] + c),
-        lower_data=[torch.tensor(i) for i in range(batches)],
-    )
-    x = {"x": torch.randn(4, generator=g, dtype=torch.float64)}
-    mean = As.mean(0)
-    v_star = torch.linalg.solve(mean, torch.linalg.solve(mean, B @ x["x"] + c) - t)
-    return problem, x, {"y": torch.zeros(n, dtype=torch.float64)}, v_star
-
-
 def test_lancbio_on_minibatches_holds_one_batch_per_cycle_and_stays_bounded():
     """Measured: with a fresh batch per Lanczos step T projects no single matrix and v grows
     to ~1e4·‖v*‖ in 400 steps; holding the restart's batch for the cycle keeps it bounded."""
     def largest_v(**options) -> float:
-        problem, x, y, v_star = _minibatch_quadratic()
+        problem, x, y, v_star, _ = minibatch_quadratic()
         method = bl.method("lancbio", inner_steps=1, inner_lr=0.02, **options)
         state, largest = method.init(problem, x, y), 0.0
         with warnings.catch_warnings():

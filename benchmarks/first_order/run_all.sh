@@ -16,12 +16,17 @@ BILEVEL=${BILEVEL:-bilevel}
 PYTHON=${PYTHON:-python}
 if [ -n "$STEPS" ]; then LIMIT="--steps $STEPS"; else LIMIT="--budget ${BUDGET:-60}"; fi
 
-# bench SETTING LABEL TASK METHOD [options...]
+# bench SETTING LABEL TASK METHOD [options...]; a label with its table is kept and one
+# without (an interrupted run_all) is resumed, so a rerun goes on where the last one stopped
 bench() {
   setting=$1 label=$2 task=$3 method=$4
   shift 4
-  $BILEVEL bench "$task" --methods "$method" --out "$ROOT/$setting/$label" --seeds "$SEEDS" \
-    --threads 1 --quiet $LIMIT "$@"
+  out="$ROOT/$setting/$label"
+  [ -f "$out/table.md" ] && return 0
+  RESUME=""
+  [ -f "$out/bench.yaml" ] && RESUME="--resume"
+  $BILEVEL bench "$task" --methods "$method" --out "$out" --seeds "$SEEDS" \
+    --threads 1 --quiet $LIMIT $RESUME "$@"
 }
 
 # the settings: task options, log period, BOME's y step (the task's inner step for cleaning; a

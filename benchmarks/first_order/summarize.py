@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from bilevel.bench import collect, metric_names  # noqa: E402
+from bilevel.bench import METRICS, collect, metric_names, stop_reason  # noqa: E402
 
 # linearize is one pass of ∇_y g that keeps its graph for the products (AID, Krylov)
 GRADIENTS = ("lower_grad", "upper_grad", "lower_grad_x", "linearize")
@@ -34,15 +34,18 @@ def calls(row: dict, kinds: tuple[str, ...]) -> int:
     return int(sum(row["oracles"].get(k, 0) for k in kinds))
 
 
-def load(setting: Path) -> dict[str, list[list[dict]]]:
-    """{label: [rows of each seed]} over the label folders of a setting."""
-    runs = {}
+def load(setting: Path) -> tuple[dict[str, list[list[dict]]], dict[str, list[str]]]:
+    """{label: [rows of each seed]} over the label folders of a setting, and {label: [what
+    stopped each seed's run]} (``bilevel.bench.stop_reason``: budget, steps, non-finite)."""
+    runs, stops = {}, {}
     for folder in sorted(p for p in setting.iterdir() if p.is_dir()):
         for histories in collect(folder).values():
             runs[folder.name] = histories
+        seeds = sorted(p for p in folder.iterdir() if (p / METRICS).exists())
+        stops[folder.name] = [stop_reason(p) for p in seeds]
     if not runs:
         raise SystemExit(f"no runs under {setting}")
-    return runs
+    return runs, stops
 
 
 def median_iqr(values: list[float]) -> str:
@@ -53,14 +56,16 @@ def median_iqr(values: list[float]) -> str:
     return f"{q[1]:.4g} [{q[0]:.4g}, {q[2]:.4g}]"
 
 
-def table(runs: dict[str, list[list[dict]]], at_step: int | None) -> str:
+def table(
+    runs: dict[str, list[list[dict]]], stops: dict[str, list[str]], at_step: int | None
+) -> str:
     """Median [IQR] over seeds at the last logged row (or the last row at or before
-    ``at_step``)."""
+    ``at_step``), with what stopped each label's runs."""
     metrics = metric_names(runs)
     columns = ["steps", "seconds", "cpu_seconds", *metrics,
                "gradient calls", "2nd-order calls", "evaluations"]  # fmt: skip
-    lines = ["| method | seeds | " + " | ".join(columns) + " |",
-             "|---|---|" + "---|" * len(columns)]  # fmt: skip
+    lines = ["| method | seeds | stopped by | " + " | ".join(columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]  # fmt: skip
     for label, histories in runs.items():
         finals = []
         for rows in histories:
@@ -82,7 +87,9 @@ def table(runs: dict[str, list[list[dict]]], at_step: int | None) -> str:
                 elif isinstance(row.get(column), (int, float)):
                     values.append(float(row[column]))
             cells.append(median_iqr(values))
-        lines.append(f"| {label} | {len(histories)} | " + " | ".join(cells) + " |")
+        reasons = stops.get(label, [])
+        tally = ", ".join(f"{r} {reasons.count(r)}" for r in dict.fromkeys(reasons)) or "–"
+        lines.append(f"| {label} | {len(histories)} | {tally} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -116,13 +123,13 @@ def plot(runs: dict[str, list[list[dict]]], setting: Path) -> list[Path]:
 
 
 def main(setting: Path) -> None:
-    runs = load(setting)
+    runs, stops = load(setting)
     common = min(rows[-1]["step"] for histories in runs.values() for rows in histories)
     text = (
-        f"# {setting.name}\n\nAt the end of each run (the budget); median [interquartile "
-        f"range] over seeds.\n\n{table(runs, None)}\nAt outer step {common} (the fewest "
-        f"steps any run reached; last logged row at or before it).\n\n"
-        f"{table(runs, common)}"
+        f"# {setting.name}\n\nAt the end of each run (the budget, or where it stopped on "
+        f"NaN/Inf: \"non-finite\"); median [interquartile range] over seeds.\n\n"
+        f"{table(runs, stops, None)}\nAt outer step {common} (the fewest steps any run "
+        f"reached; last logged row at or before it).\n\n{table(runs, stops, common)}"
     )
     (setting / "table.md").write_text(text)
     print(text)

@@ -10,6 +10,7 @@ method steps of ``bl.solve``, callbacks excluded) and oracle calls per step. Wri
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/implicit_networks/run.py      # 500 steps
     PYTHONPATH=. python benchmarks/implicit_networks/run.py --steps 3 --seeds 0 --out-dir /tmp/s
+    ... run.py --datasets fashion_mnist --methods neumann --set solver_iters=15 --out-dir DIR
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import statistics
 from pathlib import Path
 
 import torch
+import yaml
 
 import bilevel as bl
 from bilevel.tasks import make
@@ -32,10 +34,13 @@ DATASETS = ("digits", "fashion_mnist")
 HERE = Path(__file__).parent
 
 
-def run_one(dataset: str, method: str, seed: int, steps: int, naive: float) -> dict:
-    """One run's record (``error`` set when it stopped on NaN/Inf or a rejected solve)."""
+def run_one(
+    dataset: str, method: str, seed: int, steps: int, naive: float, overrides: dict
+) -> dict:
+    """One run's record (``error`` set when it stopped on NaN/Inf or a rejected solve);
+    ``overrides`` replace method options (``--set``)."""
     task = make("hyper_cleaning", dataset=dataset, model="mlp", seed=seed)
-    options = task.method_options(method)
+    options = {**task.method_options(method), **overrides}
     solve_options = {k: v for k, v in task.solve_defaults.items() if k != "steps"}
     record = {"dataset": dataset, "method": method, "seed": seed, "steps": steps,
               "options": options, "naive_accuracy": naive, "error": None}  # fmt: skip
@@ -63,6 +68,7 @@ def run_one(dataset: str, method: str, seed: int, steps: int, naive: float) -> d
             val_loss_last=last["val_loss"],
             test_accuracy=last["test_accuracy"],
             seconds_per_step=last["seconds"] / last["step"],
+            cpu_seconds_per_step=last["cpu_seconds"] / last["step"],
             oracles_per_step={k: n / last["step"] for k, n in last["oracles"].items()},
             residual_last=last.get("residual"),
             hypergradient_norm_last=last.get("hypergradient_norm"),
@@ -84,7 +90,7 @@ def _mean(values: list[float]) -> str:
 def table(runs: list[dict]) -> str:
     """One row per (dataset, method): the seeds' runs summarised."""
     header = ["dataset", "method", "seeds", "NaN / error", "val loss first → last",
-              "falls (seeds)", "test acc. %", "naive ref. %", "s / step",
+              "falls (seeds)", "test acc. %", "naive ref. %", "s / step", "CPU s / step",
               "oracles / step"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -102,7 +108,8 @@ def table(runs: list[dict]) -> str:
             f"{first} → {last}", f"{falls}/{len(group)}",
             _mean([r["test_accuracy"] for r in done]),
             _mean([r["naive_accuracy"] for r in group]),
-            _mean([r["seconds_per_step"] for r in done]), oracles or "–",
+            _mean([r["seconds_per_step"] for r in done]),
+            _mean([r["cpu_seconds_per_step"] for r in done]), oracles or "–",
         ]) + " |")  # fmt: skip
     errors = [f"- {r['dataset']} {r['method']} seed {r['seed']}: {r['error']}"
               for r in runs if r["error"]]  # fmt: skip
@@ -116,7 +123,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--out-dir", type=Path, default=HERE)
+    parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                        help="override a method option for every method (a YAML value), "
+                        "e.g. --set solver_iters=15; write to another --out-dir")  # fmt: skip
     args = parser.parse_args()
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set takes OPTION=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     # as the bilevel command does: subnormal floats (corrupted samples' weights underflow after
     # ~200 outer steps) made a step 5x slower on digits
@@ -130,12 +146,13 @@ def main() -> None:
             naive = reference_points(make("hyper_cleaning", dataset=dataset, model="mlp",
                                           seed=seed), seed=seed)["naive"]  # fmt: skip
             for method in args.methods:
-                runs.append(run_one(dataset, method, seed, args.steps, naive))
+                runs.append(run_one(dataset, method, seed, args.steps, naive, overrides))
                 last = runs[-1]
                 print(json.dumps({k: last.get(k) for k in ("dataset", "method", "seed", "nan",
                       "val_loss_first", "val_loss_last", "test_accuracy",
                       "seconds_per_step")}), flush=True)  # fmt: skip
-                metrics = {"environment": environment, "steps": args.steps, "runs": runs}
+                metrics = {"environment": environment, "steps": args.steps,
+                           "overrides": overrides, "runs": runs}  # fmt: skip
                 (args.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
                 (args.out_dir / "table.md").write_text(table(runs))
 

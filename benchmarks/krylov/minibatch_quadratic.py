@@ -10,31 +10,12 @@ from __future__ import annotations
 
 import warnings
 
-import torch
-
 import bilevel as bl
-
-
-def problem(n: int = 20, batches: int = 8, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    scales = torch.linspace(1.0, 50**0.5, n, dtype=torch.float64)
-    xs = [torch.randn(64, n, generator=g, dtype=torch.float64) * scales for _ in range(batches)]
-    As = torch.stack([X.T @ X / 64 + 0.5 * torch.eye(n, dtype=torch.float64) for X in xs])
-    B = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    c, t = (torch.randn(n, generator=g, dtype=torch.float64) for _ in range(2))
-    p = bl.Problem(
-        upper=lambda x, y, _: 0.5 * torch.sum((y["y"] - t) ** 2),
-        lower=lambda x, y, i: 0.5 * y["y"] @ (As[i] @ y["y"]) - y["y"] @ (B @ x["x"] + c),
-        lower_data=[torch.tensor(i) for i in range(batches)],
-    )
-    x = {"x": torch.randn(4, generator=g, dtype=torch.float64)}
-    mean = As.mean(0)
-    v_star = torch.linalg.solve(mean, torch.linalg.solve(mean, B @ x["x"] + c) - t)
-    return p, x, {"y": torch.zeros(n, dtype=torch.float64)}, B.T @ v_star, v_star
+from bilevel.tasks.minibatch_quadratic import minibatch_quadratic
 
 
 def measure(name: str, steps: int = 400, **options) -> tuple[float, float]:
-    p, x, y, exact, v_star = problem()
+    p, x, y, v_star, exact = minibatch_quadratic()
     method = bl.method(name, inner_steps=1, inner_lr=0.02, **options)
     state, errors, largest = method.init(p, x, y), [], 0.0
     for _ in range(steps):

@@ -35,6 +35,7 @@ from bilevel.linalg import (
 )
 from bilevel.linearization import LowerLinearization
 from bilevel.methods.base import Method, MethodState, register
+from bilevel.oracles import STEP_SIZE
 from bilevel.problem import Problem
 from bilevel.tree import Tree
 
@@ -111,8 +112,8 @@ def record_solve(
 ) -> None:
     """Put the solve's ``residual`` and ``hypergradient_norm`` (and CG's guard counters,
     cumulative over the run) in ``state.info`` (tensors, no host sync), and flag a non-finite
-    hypergradient or a v beyond the bound V_BOUND·‖b‖/ρ for
-    :meth:`~bilevel.Problem.raise_if_nonfinite`, which names the linear solve."""
+    hypergradient, v or residual, a v beyond the bound V_BOUND·‖b‖/ρ, or a diverged stationary
+    iteration for :meth:`~bilevel.Problem.raise_if_nonfinite`, which names the linear solve."""
     hg_norm, v_norm = tr.norm(hg), tr.norm(v)
     out = {} if info is None else {"solver_iterations": info.iterations}
     for key in ("negative_curvature", "restarts", "warm_start_dropped"):
@@ -121,13 +122,16 @@ def record_solve(
             previous = state.info.get(key, 0)
             out[key] = value + previous
     residual = residual if info is None else info.residual
-    if residual is not None:
-        out["residual"] = residual
     out["hypergradient_norm"] = hg_norm
     bad = ~torch.isfinite(hg_norm) | ~torch.isfinite(v_norm)
+    if residual is not None:
+        out["residual"] = residual
+        bad = bad | ~torch.isfinite(residual)
     if ridge > 0:
         bad = bad | (v_norm > V_BOUND * tr.norm(b) / ridge)
     problem.watch_solve(bad)
+    if info is not None and info.diverged is not None:
+        problem.watch_solve(info.diverged, STEP_SIZE)
     state.info.update(out)
 
 
@@ -185,7 +189,10 @@ class Implicit(Method):
             self.first_step_checks(problem, gy, lin)
             state.checked = True
         v0 = state.v if self.warm_v else None
-        v, info = self.solve(problem, x, y, gy, v0, lin)
+        # a NaN/Inf product reaches v or the residual, which record_solve checks: the solve's
+        # J products need no watch of their own
+        with problem.unwatched():
+            v, info = self.solve(problem, x, y, gy, v0, lin)
         hg = tr.sub(gx, lin.mixed(v))
         state.y, state.v = y, v
         record_solve(problem, state, hg, v, gy, self.ridge, info)

@@ -1,0 +1,51 @@
+"""A quadratic bilevel problem whose lower-level mini-batches have different Hessians.
+
+    g_i(x, y) = ½ yᵀA_i y − yᵀ(B x + c),   A_i = X_iᵀX_i/64 + I/2 (batch i of ``batches``)
+    f(x, y) = ½ ‖y − t‖²
+
+The rows of every X_i are scaled so the spectrum spans about [0.5, 50]. Stochastic solvers
+(LancBiO on mini-batches, SOBA, stocBiO) see a different matrix per batch; the reference is
+the mean problem Ā = mean_i A_i: y* = Ā⁻¹(Bx + c), v* = Ā⁻¹(y* − t) and the hypergradient
+Bᵀv*. Used by the Krylov tests and ``benchmarks/krylov/minibatch_quadratic.py``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from bilevel.problem import Problem
+from bilevel.tree import Tree
+
+
+class MinibatchQuadratic(NamedTuple):
+    """The problem (``lower_data`` = the batch indices), its point and the mean problem's
+    exact v* and hypergradient."""
+
+    problem: Problem
+    x: Tree
+    y0: Tree
+    v_star: Tensor
+    hypergradient: Tensor
+
+
+def minibatch_quadratic(n: int = 20, batches: int = 8, seed: int = 0) -> MinibatchQuadratic:
+    """Draw one instance in float64 (deterministic given ``seed``); |x| = 4, |y| = ``n``."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.linspace(1.0, 50**0.5, n, dtype=torch.float64)
+    xs = [torch.randn(64, n, generator=g, dtype=torch.float64) * scales for _ in range(batches)]
+    a = torch.stack([m.T @ m / 64 + 0.5 * torch.eye(n, dtype=torch.float64) for m in xs])
+    b = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    c, t = (torch.randn(n, generator=g, dtype=torch.float64) for _ in range(2))
+    problem = Problem(
+        upper=lambda x, y, _: 0.5 * torch.sum((y["y"] - t) ** 2),
+        lower=lambda x, y, i: 0.5 * y["y"] @ (a[i] @ y["y"]) - y["y"] @ (b @ x["x"] + c),
+        lower_data=[torch.tensor(i) for i in range(batches)],
+    )
+    x = {"x": torch.randn(4, generator=g, dtype=torch.float64)}
+    mean = a.mean(0)
+    v_star = torch.linalg.solve(mean, torch.linalg.solve(mean, b @ x["x"] + c) - t)
+    y0 = {"y": torch.zeros(n, dtype=torch.float64)}
+    return MinibatchQuadratic(problem, x, y0, v_star, b.T @ v_star)
