@@ -32,6 +32,19 @@ def _quadratic(seed: int = 0, n: int = 6, m: int = 4):
     return problem, x, y_star, a, b, c
 
 
+def _diagonal_problem(negative: float):
+    """g = ½ Σ dᵢyᵢ² − yᵀx with d = (2, 1, ``negative``, 0.3), f = ½‖y − c‖² (c = 1), at
+    x = y = 0: b = ∇_y f = −c; the one negative eigenvalue makes ∇²_yy g indefinite."""
+    diag = torch.tensor([2.0, 1.0, negative, 0.3], dtype=torch.float64)
+    c = torch.ones(4, dtype=torch.float64)
+    problem = bl.Problem(
+        upper=lambda x, y, _: 0.5 * torch.sum((y["y"] - c) ** 2),
+        lower=lambda x, y, _: 0.5 * torch.sum(diag * y["y"] ** 2) - y["y"] @ x["x"],
+    )
+    x, y0 = {"x": torch.zeros(4, dtype=torch.float64)}, {"y": torch.zeros(4, dtype=torch.float64)}
+    return problem, x, y0, c
+
+
 @pytest.mark.parametrize(
     ("name", "options"),
     [
@@ -125,13 +138,7 @@ def test_implicit_methods_refuse_an_x_free_lower_loss(name):
 def test_solve_error_names_the_linear_solve():
     # A + ρI has an eigenvalue 1e-4: CG solves it, and v ≈ 1e4·b along it is far beyond the
     # bound ‖b‖/ρ of a positive semi-definite A; the error names the solve, not the inner loop
-    diag = torch.tensor([2.0, 1.0, -0.0999, 0.3], dtype=torch.float64)
-    c = torch.ones(4, dtype=torch.float64)
-    problem = bl.Problem(
-        upper=lambda x, y, _: 0.5 * torch.sum((y["y"] - c) ** 2),
-        lower=lambda x, y, _: 0.5 * torch.sum(diag * y["y"] ** 2) - y["y"] @ x["x"],
-    )
-    x, y0 = {"x": torch.zeros(4, dtype=torch.float64)}, {"y": torch.zeros(4, dtype=torch.float64)}
+    problem, x, y0, _ = _diagonal_problem(-0.0999)
     method = bl.method("cg", inner_steps=0, ridge=0.1, solver_iters=4, solver_tol=0.0)
     with pytest.raises(bl.NonFiniteError, match=r"linear solve .*broke down.*ridge.*itd"):
         bl.hypergrad(problem, x, y0, method)
@@ -240,13 +247,7 @@ def test_damped_lancbio_rejects_a_v_longer_than_b_over_ridge():
     # the Lanczos solve passes its pivot tests, but its v, ~1000·b along that direction, is
     # far beyond ‖b‖/ρ, the bound for A ⪰ 0; every such step must fall back and be counted
     ridge = 0.1
-    diag = torch.tensor([2.0, 1.0, -0.099, 0.3], dtype=torch.float64)
-    c = torch.ones(4, dtype=torch.float64)
-    problem = bl.Problem(
-        upper=lambda x, y, _: 0.5 * torch.sum((y["y"] - c) ** 2),
-        lower=lambda x, y, _: 0.5 * torch.sum(diag * y["y"] ** 2) - y["y"] @ x["x"],
-    )
-    x, y0 = {"x": torch.zeros(4, dtype=torch.float64)}, {"y": torch.zeros(4, dtype=torch.float64)}
+    problem, x, y0, c = _diagonal_problem(-0.099)
     method = bl.method("lancbio", inner_steps=0, m=3, ridge=ridge)
     state = method.init(problem, x, y0)
     bound = float(torch.linalg.norm(c)) / ridge  # b = ∇_y f = y0 − c
