@@ -4,7 +4,8 @@
 # per-method Adam learning rates of the notebooks (task.metadata["paper_outer_lr"]), budgets in
 # OUTER STEPS, >= 3 seeds. Timed: run alone on the machine.
 #   STEPS (default 150, the notebooks' 100-150), LONG_STEPS (default 1000), FS_STEPS (few-shot,
-#   default 1000), SEEDS (default 3), OUT (default benchmarks/es/paper).
+#   default 1000; FS_STEPS=0 skips few-shot), SEEDS (default 3), OUT (default benchmarks/es/paper),
+#   KINDS (hyper-representation forms, default "linear deep"), PYTHON (default python).
 #   Smoke: STEPS=2 LONG_STEPS=2 FS_STEPS=2 SEEDS=1 OUT=/tmp/e sh benchmarks/es/run_paper.sh
 # Methods: ESJ with the authors' directions (sphere_per_tensor), ESJ gaussian, the direct term
 # alone (ablation), AID-FP, AID-CG, ITD, HOZOG; one direction, mu 0.01 (linear) / 0.1 (deep).
@@ -13,8 +14,8 @@
 set -e
 cd "$(dirname "$0")/../.."
 STEPS=${STEPS:-150}; LONG_STEPS=${LONG_STEPS:-1000}; FS_STEPS=${FS_STEPS:-1000}
-SEEDS=${SEEDS:-3}; OUT=${OUT:-benchmarks/es/paper}
-BENCH="python -m bilevel.cli bench --seeds $SEEDS --threads 1 --quiet --outer-optimizer adam"
+SEEDS=${SEEDS:-3}; OUT=${OUT:-benchmarks/es/paper}; KINDS=${KINDS:-"linear deep"}
+BENCH="${PYTHON:-python} -m bilevel.cli bench --seeds $SEEDS --threads 1 --quiet --outer-optimizer adam"
 
 run_kind() {  # kind steps out N lr_esj lr_cg lr_hozog N_cg
   kind=$1; steps=$2; d=$3; n=$4; lr=$5; lr_cg=$6; lr_hozog=$7; n_cg=$8
@@ -28,10 +29,16 @@ run_kind() {  # kind steps out N lr_esj lr_cg lr_hozog N_cg
   $HR --methods hozog --out $d/hozog --outer-lr $lr_hozog -o inner_steps=$n
 }
 for steps in $STEPS $LONG_STEPS; do
-  run_kind linear $steps $OUT/linear_paper_${steps}steps 20 0.05 0.05 0.1 20
-  run_kind deep $steps $OUT/deep_paper_${steps}steps 10 0.01 0.01 0.2 30
+  for kind in $KINDS; do
+    case $kind in
+      linear) run_kind linear $steps $OUT/linear_paper_${steps}steps 20 0.05 0.05 0.1 20 ;;
+      deep) run_kind deep $steps $OUT/deep_paper_${steps}steps 10 0.01 0.01 0.2 30 ;;
+      *) echo "unknown kind $kind" >&2; exit 2 ;;
+    esac
+  done
 done
 # few-shot (feature form, 5-way 5-shot, conv-4; the ResNet-12 protocol is benchmarks/es/resnet12.py)
+[ "$FS_STEPS" -gt 0 ] || exit 0
 FS="$BENCH few_shot --steps $FS_STEPS --log-every 50 --outer-lr 1e-3"
 $FS --methods esj --out $OUT/few_shot/esj_authors -o distribution=sphere_per_tensor
 $FS --methods esj,direct,cg,itd --out $OUT/few_shot/others
