@@ -14,6 +14,13 @@
 #               decay: lr 0.3 1.0 2.0 3.0, K = 1 2 10
 #   minibatch   linear model, noisy batches of 32: lr 0.5 1.0 1.6 2.0, K = 1 2 10
 #
+# The control for sgld's chain average: the deterministic methods' predictions averaged over
+# their last AVERAGE_LAST outer steps' iterates, written to GRID_averaged.txt (same runs, seeded:
+# the final accuracies must match GRID.txt; benchmarks/langevin/summarize.py checks it):
+#   METHODS=itd,cg,neumann AVERAGE_LAST=50 sh benchmarks/langevin/run_robustness.sh
+# An sgld prior for the MLP grid (its Gibbs measure is improper without one): TASK_EXTRA adds
+# task options, SUFFIX names the files, e.g. TASK_EXTRA=weight_decay=1e-3 SUFFIX=_wd GRIDS=mlp.
+#
 #   sh benchmarks/langevin/run_robustness.sh                          # the timed run (README)
 #   STEPS=3 SEEDS=1 ROOT=/tmp/rob GRIDS=linear sh benchmarks/langevin/run_robustness.sh  # smoke
 set -e
@@ -22,6 +29,9 @@ STEPS=${STEPS:-500}; SEEDS=${SEEDS:-5}; BURN_IN=${BURN_IN:-5}; KEEP=${KEEP:-50}
 ROOT=${ROOT:-benchmarks/langevin/robustness}
 GRIDS=${GRIDS:-"linear mlp minibatch"}
 PYTHON=${PYTHON:-python}
+METHODS=${METHODS:-sgld,itd,cg,neumann}
+AVERAGE_LAST=${AVERAGE_LAST:-0}
+SUFFIX=${SUFFIX:-$([ "$AVERAGE_LAST" -gt 0 ] && echo _averaged)}
 mkdir -p "$ROOT"
 for grid in $GRIDS; do
   case $grid in
@@ -30,8 +40,9 @@ for grid in $GRIDS; do
     minibatch) LRS="0.5 1.0 1.6 2.0"; TASK="dataset=digits,batch_size=32" ;;
     *) echo "unknown grid $grid" >&2; exit 2 ;;
   esac
+  [ -z "$TASK_EXTRA" ] || TASK="$TASK,$TASK_EXTRA"
   $PYTHON benchmarks/langevin/robustness.py hyper_cleaning "$STEPS" "$LRS" "1 2 10" "$SEEDS" \
-    "$TASK" --methods sgld,itd,cg,neumann -o inner_optimizer=gd --tie-solver-lr \
+    "$TASK" --methods "$METHODS" -o inner_optimizer=gd --tie-solver-lr \
     --threshold naive --temperature-rule data_size --keep-samples "$KEEP" \
-    -o sgld.burn_in="$BURN_IN" > "$ROOT/$grid.txt"
+    --average-last "$AVERAGE_LAST" -o sgld.burn_in="$BURN_IN" > "$ROOT/$grid$SUFFIX.txt"
 done
