@@ -18,8 +18,10 @@
 # their last AVERAGE_LAST outer steps' iterates, written to GRID_averaged.txt (same runs, seeded:
 # the final accuracies must match GRID.txt; benchmarks/langevin/summarize.py checks it):
 #   METHODS=itd,cg,neumann AVERAGE_LAST=50 sh benchmarks/langevin/run_robustness.sh
-# An sgld prior for the MLP grid (its Gibbs measure is improper without one): TASK_EXTRA adds
-# task options, SUFFIX names the files, e.g. TASK_EXTRA=weight_decay=1e-3 SUFFIX=_wd GRIDS=mlp.
+# Variants: TASK_EXTRA adds task options, EXTRA adds robustness.py arguments, SUFFIX names the
+# files (a suffix without "_" is a grid of its own for summarize.py), e.g. a colder sgld on the
+# MLP grid (an explicit temperature wins over the data-size rule):
+#   GRIDS=mlp METHODS=sgld EXTRA="-o sgld.temperature=1e-5" SUFFIX=-tau1e-5 sh ...
 #
 #   sh benchmarks/langevin/run_robustness.sh                          # the timed run (README)
 #   STEPS=3 SEEDS=1 ROOT=/tmp/rob GRIDS=linear sh benchmarks/langevin/run_robustness.sh  # smoke
@@ -44,5 +46,5 @@ for grid in $GRIDS; do
   $PYTHON benchmarks/langevin/robustness.py hyper_cleaning "$STEPS" "$LRS" "1 2 10" "$SEEDS" \
     "$TASK" --methods "$METHODS" -o inner_optimizer=gd --tie-solver-lr \
     --threshold naive --temperature-rule data_size --keep-samples "$KEEP" \
-    --average-last "$AVERAGE_LAST" -o sgld.burn_in="$BURN_IN" > "$ROOT/$grid$SUFFIX.txt"
+    --average-last "$AVERAGE_LAST" -o sgld.burn_in="$BURN_IN" $EXTRA > "$ROOT/$grid$SUFFIX.txt"
 done
