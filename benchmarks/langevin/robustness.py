@@ -44,9 +44,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 import bilevel as bl
+from bilevel import option_values
 from bilevel.methods.base import method_class
 from bilevel.methods.langevin import chain_average
 from bilevel.solve import StepContext
@@ -58,10 +58,12 @@ METHODS = "sgld,itd,cg"
 
 
 def parse_pairs(pairs: list[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs with values read as the CLI reads untyped options (``1e-5`` a number,
+    ``true`` a bool, ``gd`` a string), not by YAML 1.1, which keeps ``1e-5`` a string."""
     out = {}
     for pair in pairs:
         key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        out[key] = option_values.parse(value, Any, key)
     return out
 
 
