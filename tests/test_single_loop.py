@@ -119,7 +119,9 @@ def test_amigo_warm_start_improves_the_estimate_across_outer_steps(key):
     else:
         options.update(solver_tol=0.0)
     errors = _trajectory(task, _method(key, **options), 80)
-    assert strictly_decreasing(errors[::10]), errors[::10]
+    # strictly better every 10 steps until float64 rounding (~1e-15) is reached, then stays there
+    above_rounding = [e for e in errors[::10] if e > 1e-12]
+    assert len(above_rounding) >= 4 and strictly_decreasing(above_rounding), errors[::10]
     assert errors[-1] < 1e-6
 
 

@@ -18,20 +18,24 @@
 #                 (7,510 weights) on 300 training samples, no weight decay (many inner minima)
 #   few_shot16    5-way 1-shot glyphs, meta-feature form, meta-batch 16 (the papers' size)
 #   lls_toy_100   the n = 100 LLS toy at 2000 outer steps, K = 16 (deterministic: no seeds)
+#   overparam_refit  overparam with refit_test_accuracy logged (the accuracy of x alone: y fitted
+#                 to the weighted training loss, no validation labels; docs/tasks/hyper_cleaning.md)
 #
 #   sh benchmarks/bda/run_paper.sh                                  # the timed run (see README)
 #   STEPS=2 FEW_STEPS=2 TOY_STEPS=2 SEEDS=1 K=2 ROOT=/tmp/bda sh benchmarks/bda/run_paper.sh  # smoke
 #
 # Variables: STEPS (cleaning and overparam outer steps, default 3000), K (inner steps, default
 # 20), FEW_STEPS (few-shot outer steps, default 1000: the task's), TOY_STEPS (default 2000),
-# SEEDS (default 3), ROOT (default benchmarks/bda/paper), SETTINGS (default all four),
-# BILEVEL / PYTHON (the commands).
+# SEEDS (default 3), ROOT (default benchmarks/bda/paper), SETTINGS (default the first four),
+# LABELS (the runs of a setting, default all five: itd cg bda_reverse bda_truncated
+# bda_onestage), BILEVEL / PYTHON (the commands).
 set -e
 cd "$(dirname "$0")/../.."
 ROOT=${ROOT:-benchmarks/bda/paper}
 STEPS=${STEPS:-3000}; K=${K:-20}; FEW_STEPS=${FEW_STEPS:-1000}; TOY_STEPS=${TOY_STEPS:-2000}
 SEEDS=${SEEDS:-3}
 SETTINGS=${SETTINGS:-"cleaning overparam few_shot16 lls_toy_100"}
+LABELS=${LABELS:-"itd cg bda_reverse bda_truncated bda_onestage"}
 BILEVEL=${BILEVEL:-bilevel}
 PYTHON=${PYTHON:-python}
 TRUNCATE=$(( K / 4 > 0 ? K / 4 : 1 ))
@@ -44,15 +48,19 @@ bench() {
     --threads 1 --quiet "$@"
 }
 
-# the five methods of one setting, with the setting's options
+# run LABEL: true when LABEL is one of the selected runs
+run() { case " $LABELS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+# the five methods of one setting (those in LABELS), with the setting's options
 methods() {
   setting=$1 task=$2 trunc=$3
   shift 3
-  bench "$setting" itd "$task" itd "$@"
-  bench "$setting" cg "$task" cg "$@"
-  bench "$setting" bda_reverse "$task" bda "$@"
-  bench "$setting" bda_truncated "$task" bda -o mode=truncated -o truncate="$trunc" "$@"
-  bench "$setting" bda_onestage "$task" bda -o mode=onestage "$@"
+  ! run itd || bench "$setting" itd "$task" itd "$@"
+  ! run cg || bench "$setting" cg "$task" cg "$@"
+  ! run bda_reverse || bench "$setting" bda_reverse "$task" bda "$@"
+  ! run bda_truncated ||
+    bench "$setting" bda_truncated "$task" bda -o mode=truncated -o truncate="$trunc" "$@"
+  ! run bda_onestage || bench "$setting" bda_onestage "$task" bda -o mode=onestage "$@"
   $PYTHON benchmarks/first_order/summarize.py "$ROOT/$setting"
 }
 
@@ -62,9 +70,10 @@ for setting in $SETTINGS; do
   case $setting in
     cleaning)
       methods cleaning hyper_cleaning $TRUNCATE $REFERENCE --log-every 50 -t model=mlp ;;
-    overparam)
-      methods overparam hyper_cleaning $TRUNCATE $REFERENCE --log-every 50 -t dataset=digits \
-        -t model=mlp -t hidden=100 -t n_train=300 -t n_val=600 -t weight_decay=0 ;;
+    overparam | overparam_refit)
+      refit=$([ "$setting" = overparam_refit ] && echo "-t refit_accuracy=true" || true)
+      methods "$setting" hyper_cleaning $TRUNCATE $REFERENCE --log-every 50 -t dataset=digits \
+        -t model=mlp -t hidden=100 -t n_train=300 -t n_val=600 -t weight_decay=0 $refit ;;
     few_shot16)
       # the task's inner settings (K = 5 GD steps of 0.1 on a fresh head per episode)
       methods few_shot16 few_shot 1 --steps $FEW_STEPS --log-every 50 -t k_shot=1 \

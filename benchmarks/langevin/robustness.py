@@ -8,7 +8,7 @@ Usage: python benchmarks/langevin/robustness.py TASK STEPS "LR ..." "K ..." SEED
        [--average-last S]
 
 The optional positional KEY=VALUE,... holds task options (e.g. dataset=digits,model=mlp,
-hidden=100,n_train=300,weight_decay=0 for an over-parameterised MLP inner model, batch_size=32
+hidden=100,n_train=600,weight_decay=0 for an over-parameterised MLP inner model, batch_size=32
 for noisy mini-batches). ``-o KEY=VALUE`` sets a method option on every method that has it (e.g.
 ``-o inner_optimizer=gd``: sgld has none), ``-o METHOD.KEY=VALUE`` on that method only (e.g.
 ``-o sgld.burn_in=20``). ``--tie-solver-lr`` sets each linear solver's step (Neumann's

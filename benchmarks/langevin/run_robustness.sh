@@ -10,7 +10,7 @@
 # The digits lower loss has L ≈ 1.2 (linear model), so 2/L ≈ 1.67: the lrs straddle it.
 #
 #   linear      linear model, full batch: lr 0.5 1.0 1.6 2.0 3.0, K = 1 2 10
-#   mlp         over-parameterised MLP head: 64-100-10 (7,510 weights) on 300 samples, no weight
+#   mlp         over-parameterised MLP head: 64-100-10 (7,510 weights) on 600 samples, no weight
 #               decay: lr 0.3 1.0 2.0 3.0, K = 1 2 10
 #   minibatch   linear model, noisy batches of 32: lr 0.5 1.0 1.6 2.0, K = 1 2 10
 #
@@ -38,7 +38,7 @@ mkdir -p "$ROOT"
 for grid in $GRIDS; do
   case $grid in
     linear) LRS="0.5 1.0 1.6 2.0 3.0"; TASK="dataset=digits" ;;
-    mlp) LRS="0.3 1.0 2.0 3.0"; TASK="dataset=digits,model=mlp,hidden=100,n_train=300,weight_decay=0" ;;
+    mlp) LRS="0.3 1.0 2.0 3.0"; TASK="dataset=digits,model=mlp,hidden=100,n_train=600,weight_decay=0" ;;
     minibatch) LRS="0.5 1.0 1.6 2.0"; TASK="dataset=digits,batch_size=32" ;;
     *) echo "unknown grid $grid" >&2; exit 2 ;;
   esac

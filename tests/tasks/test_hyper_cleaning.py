@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 import bilevel as bl
 from bilevel.data.errors import DataNotFoundError
 from bilevel.data.idx import load_fashion_mnist
+from bilevel.solve import StepContext
 from bilevel.tasks.hyper_cleaning import (
     IndexBatches,
     detection_scores,
@@ -65,10 +67,18 @@ def test_protocol_split_corruption_and_shapes(dataset):
     assert task.y0["W"].shape == (10, d) and task.y0["b"].shape == (10,)
 
 
-def test_digits_defaults_fall_back_to_600_600(digits):
+def test_digits_default_split_is_600_600(digits):
     meta = digits.metadata
     assert (meta["n_train"], meta["n_val"], meta["n_test"]) == (600, 600, 597)
     assert meta["n_corrupted"] == 300
+
+
+def test_digits_sizes_given_are_used_not_replaced():
+    # one size given: the other keeps the dataset's default (600), the rest is the test set
+    meta = hyper_cleaning(dataset="digits", n_train=300, seed=0).metadata
+    assert (meta["n_train"], meta["n_val"], meta["n_test"]) == (300, 600, 897)
+    with pytest.raises(ValueError, match="n_train \\+ n_val = 1797 exceeds the 1796 images"):
+        hyper_cleaning(dataset="digits", n_train=1197, seed=0)
 
 
 def test_deterministic_given_seed():
@@ -171,3 +181,29 @@ def test_unknown_options_are_rejected():
         hyper_cleaning(dataset="mnist")
     with pytest.raises(ValueError, match="mlp"):
         hyper_cleaning(dataset="digits", model="resnet")
+
+
+def test_refit_accuracy_depends_on_x_only_and_rewards_keeping_the_clean_samples():
+    task = hyper_cleaning(dataset="digits", seed=0, refit_accuracy=True)
+    metrics = task.callbacks[0]
+    clean = task.metadata["data"].clean
+    keep_clean = {"x": torch.where(clean, 10.0, -10.0)}
+    keep_corrupted = {"x": -keep_clean["x"]}
+
+    def logged(x, y):
+        state = SimpleNamespace(y=y)
+        return metrics(StepContext(step=1, x=x, state=state, hg=x, hg_x=x))
+
+    trained = {k: torch.randn_like(v) for k, v in task.y0.items()}
+    first, second = logged(keep_clean, task.y0), logged(keep_clean, trained)
+    assert first["refit_test_accuracy"] == second["refit_test_accuracy"]
+    assert first["test_accuracy"] != second["test_accuracy"]  # y_K's accuracy does follow y
+    # weights on the clean samples fit far better than weights on the corrupted ones
+    assert (
+        first["refit_test_accuracy"] > logged(keep_corrupted, task.y0)["refit_test_accuracy"] + 30
+    )
+    assert "refit_test_accuracy" not in hyper_cleaning(dataset="digits", seed=0).callbacks[0](
+        StepContext(
+            step=1, x=keep_clean, state=SimpleNamespace(y=task.y0), hg=keep_clean, hg_x=keep_clean
+        )
+    )
