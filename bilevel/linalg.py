@@ -26,16 +26,19 @@ class SolveInfo:
     solver for which iterate it measures). CG adds its guard counters (0-dim tensors):
     ``negative_curvature`` (directions with pᵀAp ≤ 0: no step, the recurrence restarted),
     ``restarts`` (those, plus 1 when the solve ended 10× above its start's residual and
-    returned the start) and ``warm_start_dropped`` (1 when the warm start did not lower the
-    residual). The stationary iterations (Neumann, fixed point) set ``diverged`` (a 0-dim
-    bool): the residual ended 10× above ‖b‖, which a step below 2/λ_max never does on a
-    positive semi-definite A (each iteration multiplies the residual by I − lr·A)."""
+    returned the start), ``warm_start_dropped`` (1 when the warm start did not lower the
+    residual) and ``fallbacks`` (1 when a solve from 0 made no progress and returned the
+    bounded steepest-descent step instead). The stationary iterations (Neumann, fixed point)
+    set ``diverged`` (a 0-dim bool): the residual ended 10× above ‖b‖, which a step below
+    2/λ_max never does on a positive semi-definite A (each iteration multiplies the residual
+    by I − lr·A)."""
 
     iterations: int
     residual: Tensor | None
     negative_curvature: Tensor | None = None
     restarts: Tensor | None = None
     warm_start_dropped: Tensor | None = None
+    fallbacks: Tensor | None = None
     diverged: Tensor | None = None
 
 
@@ -57,6 +60,7 @@ def conjugate_gradient(
     x0: Tree | None = None,
     maxiter: int = 100,
     tol: float = 1e-10,
+    fallback_lr: float | None = None,
 ) -> tuple[Tree, SolveInfo]:
     """Solve A v = b for symmetric A by curvature-aware conjugate gradients.
 
@@ -72,7 +76,11 @@ def conjugate_gradient(
     in ``negative_curvature``; a solve that ends with its residual 10× above its start's (or
     non-finite) returns its start instead, with the start's residual when its own is finite
     (a NaN one is returned for the caller to see). ``restarts`` counts both events. On a
-    positive definite A neither fires and the iterates are plain CG's. ‖p‖² follows the CG
+    positive definite A neither fires and the iterates are plain CG's. A solve from 0 that
+    makes no progress (no direction of positive curvature, or the start returned) would give
+    v = 0 and silently drop the implicit term; with ``fallback_lr`` η it returns the bounded
+    steepest-descent step v = η b instead (residual ‖b − η A b‖ from the first product, no
+    extra matvec), counted in ``fallbacks``. ‖p‖² follows the CG
     recurrence ‖p‖² ← ‖r‖² + β²‖p‖², and each update is one fused ``addcmul`` per tensor, so
     the guarded iteration costs about as many operations as an unguarded one.
     """
@@ -83,6 +91,7 @@ def conjugate_gradient(
     dropped = torch.zeros((), dtype=torch.int64, device=bb.device)
     if x0 is None:
         x, r, rr = tr.zeros_like(b), dict(b), bb
+        zero_start = torch.ones((), dtype=torch.bool, device=bb.device)
     else:
         r0 = tr.sub(b, matvec(x0))
         rr0 = tr.dot(r0, r0)
@@ -91,7 +100,9 @@ def conjugate_gradient(
         r = tr.where(keep, r0, b)
         rr = torch.where(keep, rr0, bb)
         dropped = (~keep).to(torch.int64)
+        zero_start = ~keep
     start_x, start_rr = x, rr
+    ab = None  # A b: the first product of a solve from 0 (its first direction is b)
     p, pp = r, rr
     tiny = torch.finfo(rr.dtype).tiny
     threshold = (tol * torch.sqrt(bb)) ** 2 if tol > 0 else None
@@ -100,6 +111,7 @@ def conjugate_gradient(
         if threshold is not None and bool(rr <= threshold):
             break
         ap = matvec(p)
+        ab = ap if ab is None else ab
         pap = tr.dot(p, ap)
         curved = pap > eps * pp
         alpha = torch.where(curved, rr / pap, 0.0)  # the unselected rr / pap may be inf
@@ -116,7 +128,15 @@ def conjugate_gradient(
     x = tr.where(grew, start_x, x)
     # a non-finite residual is kept: a NaN product must not pass unseen behind the start
     rr = torch.where(grew & torch.isfinite(rr), start_rr, rr)
-    info = SolveInfo(len(curvature), torch.sqrt(rr), negative, negative + grew, dropped)
+    fell_back = torch.zeros_like(dropped)
+    if fallback_lr is not None and ab is not None:
+        made_no_progress = grew | ~torch.stack(curvature).any()
+        stalled = zero_start & made_no_progress & torch.isfinite(rr)  # a NaN stays seen
+        r_fallback = tr.axpy(-fallback_lr, ab, b)
+        x = tr.where(stalled, tr.scale(b, fallback_lr), x)
+        rr = torch.where(stalled, tr.dot(r_fallback, r_fallback), rr)
+        fell_back = stalled.to(torch.int64)
+    info = SolveInfo(len(curvature), torch.sqrt(rr), negative, negative + grew, dropped, fell_back)
     return x, info
 
 

@@ -73,6 +73,38 @@ def test_cg_restarts_on_negative_curvature_and_stays_bounded():
     assert torch.isfinite(v["v"]).all() and float(torch.linalg.norm(v["v"])) < 10.0
 
 
+def test_cg_from_zero_without_progress_returns_the_bounded_steepest_descent_step():
+    # bᵀAb < 0: every direction (b, then b again) has negative curvature, so CG takes no step
+    diag = torch.tensor([2.0, 1.0, -5.0, 0.3], dtype=torch.float64)
+    matvec = lambda v: {"v": diag * v["v"]}  # noqa: E731
+    b = {"v": torch.ones(4, dtype=torch.float64)}
+    v, info = conjugate_gradient(matvec, b, None, maxiter=5, tol=0.0)
+    assert torch.equal(v["v"], torch.zeros(4, dtype=torch.float64)) and int(info.fallbacks) == 0
+    v, info = conjugate_gradient(matvec, b, None, maxiter=5, tol=0.0, fallback_lr=0.1)
+    assert torch.allclose(v["v"], 0.1 * b["v"], rtol=0, atol=1e-15) and int(info.fallbacks) == 1
+    expected = torch.linalg.norm(b["v"] - 0.1 * diag * b["v"])
+    assert torch.allclose(info.residual, expected, rtol=1e-14)
+    # a solve that makes progress keeps its CG iterate
+    v, info = conjugate_gradient(lambda v: {"v": diag.abs() * v["v"]}, b, None, 4, 0.0, 0.1)
+    assert int(info.fallbacks) == 0 and torch.allclose(v["v"], 1 / diag.abs(), rtol=1e-12)
+
+
+@pytest.mark.parametrize(("options", "eta"), [({}, 0.1), ({"fallback_lr": 0.3}, 0.3)])
+def test_cg_does_not_return_a_silent_zero_when_grad_f_has_negative_curvature(options, eta):
+    # at x = y = 0, b = −c and bᵀ∇²_yy g b = 2 + 1 − 5 + 0.3 < 0; ∇²_xy g = −I, so hg = v: the
+    # unguarded answer would be v = 0, hg = ∇_x f = 0 (x frozen); the fallback is v = η b
+    problem, x, y0, c = _diagonal_problem(-5.0)
+    method = bl.method("cg", inner_steps=0, inner_lr=0.1, solver_tol=0.0, **options)
+    state = method.init(problem, x, y0)
+    hg, state = method.step(problem, x, state)
+    assert torch.allclose(hg["x"], -eta * c, rtol=0, atol=1e-15)
+    assert int(state.info["fallbacks"]) == 1
+    positive_definite, x, y0, _ = _diagonal_problem(0.5)
+    state = method.init(positive_definite, x, y0)
+    _, state = method.step(positive_definite, x, state)
+    assert int(state.info["fallbacks"]) == 0
+
+
 def _indefinite_problem():
     """A tanh network's lower loss far from a minimum: ½‖y‖² scaled down, a fitting term
     whose Hessian is indefinite near y = 0, and x entering as per-weight decays."""

@@ -314,6 +314,27 @@ def test_lancbio_on_minibatches_holds_one_batch_per_cycle_and_stays_bounded():
     assert largest_v(hold_batch=False) > 10 * held
 
 
+def test_an_anchor_worse_than_zero_is_dropped_at_the_restart():
+    """A v̄ with ‖b − A v̄‖ > 10‖b‖ (what compounding mini-batch cycles produce) is not carried
+    into the next cycle: the cycle starts from 0, so its first iterate is CG's first."""
+    task, data = _quadratic(dim_y=30)
+    b = _b(data, task.x0["x"], task.y0["y"])
+    method = bl.method("lancbio", inner_steps=0, m=2, m_max=2)  # fixed system, cycles of 2
+    state = method.init(task.problem, task.x0, task.y0)
+    for _ in range(2):
+        _, state = method.step(task.problem, task.x0, state)
+    assert int(state.anchor_resets) == 0
+    ab = data.A @ b
+    state.v = {"y": 12 * b.norm() / ab.norm() * b}  # ‖b − A v̄‖ ≥ 11‖b‖
+    _, state = method.step(task.problem, task.x0, state)  # step 3: a restart
+    assert int(state.anchor_resets) == 1 and int(state.info["anchor_resets"]) == 1
+    first_cg = (b @ b) / (b @ ab) * b
+    assert torch.allclose(state.v["y"], first_cg, rtol=1e-12, atol=0)
+    _, state = method.step(task.problem, task.x0, state)
+    _, state = method.step(task.problem, task.x0, state)  # the next restart keeps a good anchor
+    assert int(state.anchor_resets) == 1
+
+
 # ------------------------------------------------------------------ the authors' variants
 def test_authors_window_is_a_restarted_projection_with_at_most_m_minus_1_vectors():
     """Fixed system (inner_steps=0): each cycle of m steps starts from b (the previous step's,

@@ -29,5 +29,6 @@ MINI="$BENCH --steps $MINI_STEPS --log-every 20 -t corruption=0.5 -t n_train=200
 D=$OUT/minibatch_p0.5
 $MINI --methods lancbio --out $D/lancbio_authors_window -o window=authors -o m_max=30
 $MINI --methods lancbio --out $D/lancbio_restart_held -o m_max=10
-$MINI --methods subbio,soba,amigo --out $D/others -o solver_lr=0.05
+$MINI --methods subbio,soba --out $D/others -o solver_lr=0.05
+$MINI --methods amigo --out $D/amigo_cg -o solver_iters=5
 $MINI --methods stocbio --out $D/stocbio -o solver_iters=10

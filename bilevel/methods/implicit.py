@@ -116,7 +116,7 @@ def record_solve(
     iteration for :meth:`~bilevel.Problem.raise_if_nonfinite`, which names the linear solve."""
     hg_norm, v_norm = tr.norm(hg), tr.norm(v)
     out = {} if info is None else {"solver_iterations": info.iterations}
-    for key in ("negative_curvature", "restarts", "warm_start_dropped"):
+    for key in ("negative_curvature", "restarts", "warm_start_dropped", "fallbacks"):
         value = None if info is None else getattr(info, key)
         if value is not None:
             previous = state.info.get(key, 0)
@@ -207,19 +207,30 @@ class ConjugateGradient(Implicit):
     Stops at ``solver_iters`` iterations or relative residual ``solver_tol`` (0: no test, no
     host sync). Non-positive curvature restarts the recurrence, and a solve ending 10× above
     its start's residual returns the start (counted in ``info``, see
-    :func:`bilevel.linalg.conjugate_gradient`). Oracles: K inner gradients, 1
-    linearisation, J HVPs (+1 for the warm start), 1 mixed product.
+    :func:`bilevel.linalg.conjugate_gradient`). A solve from 0 that makes no progress (on a
+    network far from a minimum, ∇_y f itself can have non-positive curvature) would return
+    v = 0, hg = ∇_x f, and freeze a deterministic run; it returns v = η ∇_y f instead, η =
+    ``fallback_lr`` (default ``inner_lr``: with GD inner steps below 2/L this is
+    back-propagation through the last inner step, Shaban et al., AISTATS 2019), counted in
+    ``info["fallbacks"]``. Oracles: K inner gradients, 1 linearisation, J HVPs (+1 for the warm
+    start), 1 mixed product.
     """
 
     solver_tol: float = 1e-10
+    fallback_lr: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("solver_iters", self.solver_iters, 1)  # 0 would leave v unsolved: hg = ∇_x f
         check_nonnegative("solver_tol", self.solver_tol)
+        if self.fallback_lr is not None:
+            check_positive("fallback_lr", self.fallback_lr)
 
     def solve(self, problem, x, y, b, v0, lin):
-        return conjugate_gradient(self.operator(lin), b, v0, self.solver_iters, self.solver_tol)
+        fallback_lr = self.inner_lr if self.fallback_lr is None else self.fallback_lr
+        return conjugate_gradient(
+            self.operator(lin), b, v0, self.solver_iters, self.solver_tol, fallback_lr
+        )
 
 
 @register("neumann")

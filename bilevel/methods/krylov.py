@@ -44,6 +44,7 @@ from bilevel.tree import Tree
 _BREAKDOWN_RTOL = 100.0
 # an iterate whose norm grew this much since the last anchor is not trusted as the next one
 _JUMP = 1e3
+_JUMP_RESIDUAL = 10.0  # an anchor with ‖b − A v̄‖ above this × ‖b‖ is worse than v̄ = 0
 
 
 def _unit(vector: Tensor) -> tuple[Tensor, Tensor]:
@@ -176,7 +177,7 @@ class LancBiOState(ImplicitState):
     batch: Any = None
     b_prev: Tensor | None = None
     anchor_norm: Tensor | None = None
-    anchor_resets: int = 0
+    anchor_resets: int | Tensor = 0
 
 
 WINDOWS = (False, "sliding", "authors")
@@ -221,10 +222,14 @@ class LancBiO(_Krylov):
     restarts at the next step. A solve whose step s = T⁻¹Qᵀr has ‖s‖·√eps·‖T‖ > ‖Qᵀr‖ (T's
     smallest eigenvalue below √eps·‖T‖: a near-singular T that passes the pivot test, the
     cause of mini-batch blow-ups) is treated the same way. At a restart, an iterate whose norm
-    jumped above ``_JUMP`` × the last anchor's (or is not finite) is not used as anchor: the
-    cycle starts from v̄ = 0 (``info["anchor_resets"]``). With ``ridge`` ρ > 0, v stays in the
-    ball ‖v‖ ≤ ‖b‖/ρ (the damped solution's bound when A ⪰ 0): a longer projected solution is
-    treated as an indefinite T and a safe step is shortened onto the ball. The restart decision
+    jumped above ``_JUMP`` × the last anchor's (or is not finite), or whose residual
+    ‖b − A v̄‖ at the restart is above 10‖b‖ (v̄ = 0 would do better; the product is the
+    restart's own, no host sync), is not used as anchor: the cycle starts from v̄ = 0
+    (``info["anchor_resets"]``). With batches that change between cycles this is what keeps v
+    from growing geometrically: a Galerkin cycle can lengthen the error by up to √κ. With
+    ``ridge`` ρ > 0, v stays in the ball ‖v‖ ≤ ‖b‖/ρ (the damped solution's bound when
+    A ⪰ 0): a longer projected solution is treated as an indefinite T and a safe step is
+    shortened onto the ball. The restart decision
     reads last step's flags on the host: it decides whether an HVP is spent, so it must be known
     there; ``solve`` synchronises the device after every step anyway, so the read waits on
     nothing.
@@ -415,7 +420,14 @@ class LancBiO(_Krylov):
                     v, norm = torch.zeros_like(v), torch.zeros_like(norm)
                     state.anchor_resets += 1
                 norm = torch.maximum(ref, norm)
-            state.anchor, state.frozen, state.anchor_norm = v, matvec(v), norm
+            # an anchor whose residual at this batch is _JUMP_RESIDUAL × ‖b‖ is dropped (no host
+            # sync; the product is the restart's own): with batches that change between cycles
+            # each Galerkin cycle can lengthen v by up to √κ, so this bounds v̄ by ~11‖b‖/λ_min
+            av = matvec(v)
+            keep = torch.linalg.vector_norm(b - av) <= _JUMP_RESIDUAL * torch.linalg.vector_norm(b)
+            v, av = torch.where(keep, v, 0.0), torch.where(keep, av, 0.0)
+            state.anchor_resets = state.anchor_resets + (~keep).to(torch.int64)
+            state.anchor, state.frozen, state.anchor_norm = v, av, torch.where(keep, norm, 0.0)
         q, _ = _unit(start - state.frozen)
         state.basis, state.alphas, state.betas = [q], [], []
         state.q_prev, state.beta, state.cycle = None, None, 0
