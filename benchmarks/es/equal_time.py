@@ -33,8 +33,12 @@ def load(folder: Path, metric: str) -> dict[str, list[list[dict]]]:
     for path in paths:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         rows = [r for r in rows if metric in r]
-        nested = path.parent.parent != folder
-        name = path.parent.parent.name if nested else path.parent.name.rsplit("-s", 1)[0]
+        method = path.parent.name.rsplit("-s", 1)[0]
+        name = method
+        if path.parent.parent != folder:  # a label: named by it, and by the method if it has two
+            label = path.parent.parent
+            methods = {run.name.rsplit("-s", 1)[0] for run in label.glob("*-s*")}
+            name = label.name if len(methods) == 1 else f"{label.name} {method}"
         runs.setdefault(name, []).append(rows)
     return runs
 
