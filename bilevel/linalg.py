@@ -80,9 +80,9 @@ def conjugate_gradient(
     makes no progress (no direction of positive curvature, or the start returned) would give
     v = 0 and silently drop the implicit term; with ``fallback_lr`` η it returns the bounded
     steepest-descent step v = η b instead (residual ‖b − η A b‖ from the first product, no
-    extra matvec), counted in ``fallbacks``. ‖p‖² follows the CG
-    recurrence ‖p‖² ← ‖r‖² + β²‖p‖², and each update is one fused ``addcmul`` per tensor, so
-    the guarded iteration costs about as many operations as an unguarded one.
+    extra matvec), counted in ``fallbacks``. ‖p‖² follows the CG recurrence
+    ‖p‖² ← ‖r‖² + β²‖p‖², and each update is one fused ``addcmul`` per tensor, so the guarded
+    iteration costs about as many operations as an unguarded one.
     """
     if maxiter < 0:
         raise ValueError(f"maxiter must be >= 0, got {maxiter}")
@@ -111,7 +111,8 @@ def conjugate_gradient(
         if threshold is not None and bool(rr <= threshold):
             break
         ap = matvec(p)
-        ab = ap if ab is None else ab
+        if ab is None:
+            ab = ap
         pap = tr.dot(p, ap)
         curved = pap > eps * pp
         alpha = torch.where(curved, rr / pap, 0.0)  # the unselected rr / pap may be inf

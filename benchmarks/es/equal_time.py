@@ -30,15 +30,17 @@ def load(folder: Path, metric: str) -> dict[str, list[list[dict]]]:
     """Histories (rows that log ``metric``) per method (flat folder) or per label (a setting)."""
     runs: dict[str, list[list[dict]]] = {}
     paths = sorted(folder.glob("*-s*/metrics.jsonl")) or sorted(folder.glob("*/*-s*/metrics.jsonl"))
+    methods_of: dict[Path, set[str]] = {}  # a label's methods
+    for path in paths:
+        method = path.parent.name.rsplit("-s", 1)[0]
+        methods_of.setdefault(path.parent.parent, set()).add(method)
     for path in paths:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         rows = [r for r in rows if metric in r]
-        method = path.parent.name.rsplit("-s", 1)[0]
+        method, label = path.parent.name.rsplit("-s", 1)[0], path.parent.parent
         name = method
-        if path.parent.parent != folder:  # a label: named by it, and by the method if it has two
-            label = path.parent.parent
-            methods = {run.name.rsplit("-s", 1)[0] for run in label.glob("*-s*")}
-            name = label.name if len(methods) == 1 else f"{label.name} {method}"
+        if label != folder:  # a label: named by it, and by the method if it holds two
+            name = label.name if len(methods_of[label]) == 1 else f"{label.name} {method}"
         runs.setdefault(name, []).append(rows)
     return runs
 

@@ -333,8 +333,8 @@ def hyper_cleaning(
     alone (L-BFGS, as :func:`reference_points`) — an accuracy of x only, comparable across
     methods whose y_K differ in training (BDA's inner steps also descend the upper loss on the
     validation labels; a few inner steps leave y_K under-trained). ``metadata["clean_indices"]``
-    the truly
-    clean training samples; :func:`reference_points` gives the oracle / naive accuracies.
+    are the truly clean training samples; :func:`reference_points` gives the oracle / naive
+    accuracies.
 
     Defaults (measured on FashionMNIST, linear, p = 0.5, 5k/5k; docs/tasks/hyper_cleaning.md):
     LancBiO's T = 5 warm-started inner steps, but heavy-ball momentum instead of GD (about one
