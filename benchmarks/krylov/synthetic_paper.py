@@ -6,7 +6,10 @@ from the method's own v (zero for methods without one), then report
 ‖∇_x f − ∇²_xy g · v‖ ("paper_hypergrad_norm"). Ours (the task's callbacks) is the relative
 error of the method's estimate against the exact ∇F (Newton + dense solve).
 
-Timed: run alone on the machine (the lead runs it). Smoke test:
+Writes one JSON history per run and ``table.md`` (medians over seeds of the paper's metric and
+the true ‖∇F‖ at step marks and at CPU-second marks; ``--table-only`` rewrites it from the JSON
+files). Timed: run alone on the
+machine. Smoke test:
   PYTHONPATH=. python benchmarks/krylov/synthetic_paper.py --steps 3 --seeds 1 --n 50 --out /tmp/s
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import torch
@@ -53,6 +57,46 @@ def paper_metric(problem: bl.Problem, inner_lr: float):
     return callback
 
 
+def _median(values: list[float]) -> str:
+    return f"{statistics.median(values):.3g}" if values else "–"
+
+
+def write_table(out: Path, step_marks: list[int], cpu_marks: list[float]) -> str:
+    """table.md: per method, medians over seeds of the paper's ‖∇φ‖ and of the true ‖∇F(x)‖
+    (the task's ``grad_norm``, exact) at logged steps and at the last log within each CPU-second
+    mark (method time, the callbacks excluded), our relative hypergradient error at the last
+    step, and CPU seconds and HVPs per outer step."""
+    runs: dict[str, list[list[dict]]] = {}
+    for path in sorted(out.glob("*-s*.json")):
+        record = json.loads(path.read_text())
+        runs.setdefault(record["method"], []).append(record["history"])
+
+    def pair(rows: list[dict]) -> str:
+        paper = _median([r["paper_hypergrad_norm"] for r in rows])
+        return f"{paper} / {_median([r['grad_norm'] for r in rows])}"
+
+    head = ["method", "seeds"]
+    head += [f"‖∇φ‖ / ‖∇F‖, step {k}" for k in step_marks]
+    head += [f"‖∇φ‖ / ‖∇F‖, {c:g} CPU s" for c in cpu_marks]
+    head += ["our error, last step", "CPU s / step", "HVPs / step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, histories in runs.items():
+        cells = [label, str(len(histories))]
+        for k in step_marks:
+            cells.append(pair([r for h in histories for r in h if r["step"] == k]))
+        for c in cpu_marks:
+            within = [[r for r in h if r["cpu_seconds"] <= c] for h in histories]
+            cells.append(pair([w[-1] for w in within if w]))
+        last = [h[-1] for h in histories]
+        cells.append(_median([r["hypergrad_error"] for r in last if "hypergrad_error" in r]))
+        cells.append(_median([r["cpu_seconds"] / r["step"] for r in last]))
+        cells.append(_median([r["oracles"].get("hvp", 0) / r["step"] for r in last]))
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(table)
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=3000)
@@ -61,9 +105,17 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default="benchmarks/krylov/synthetic_paper")
+    parser.add_argument("--step-marks", default="100,500,1000")
+    parser.add_argument("--cpu-marks", default="5,10,20")
+    parser.add_argument("--table-only", action="store_true", help="rewrite table.md only")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    step_marks = [int(k) for k in args.step_marks.split(",")]
+    cpu_marks = [float(c) for c in args.cpu_marks.split(",")]
+    if args.table_only:
+        print(write_table(out, step_marks, cpu_marks))
+        return
     for label in args.methods.split(","):
         name = label.split("_")[0]
         for seed in range(args.seeds):
@@ -82,6 +134,7 @@ def main() -> None:
             print(f"{label} seed {seed}: step {last['step']} paper ‖∇φ‖ "
                   f"{last['paper_hypergrad_norm']:.3g}  our error "
                   f"{last.get('hypergrad_error', float('nan')):.3g}", flush=True)  # fmt: skip
+    print(write_table(out, step_marks, cpu_marks))
 
 
 if __name__ == "__main__":
