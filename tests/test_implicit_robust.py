@@ -64,6 +64,43 @@ def test_ridge_matches_the_damped_closed_form(name, options, ridge):
     assert relative_error(hg, {"x": exact}) < 1e-10
 
 
+def test_warm_started_neumann_is_fixed_point_iteration_from_the_last_v():
+    problem, x, y_star, a, b, c = _quadratic()
+    rhs = {"y": y_star["y"] - c}  # ∇_y f
+    matvec = lambda v: {"y": a @ v["y"]}  # noqa: E731
+    method = bl.method("neumann", inner_steps=0, solver_iters=3, solver_lr=0.2,
+                       solver_warm_start=True)  # fmt: skip
+    state = method.init(problem, x, y_star)
+    _, state = method.step(problem, x, state)  # the first step: the series from scratch
+    cold, _ = neumann(matvec, rhs, 0.2, 4)
+    assert relative_error(state.v, cold) < 1e-14
+    for _ in range(3):
+        expected, _ = fixed_point(matvec, rhs, state.v, 0.2, 3)
+        _, state = method.step(problem, x, state)
+        assert relative_error(state.v, expected) < 1e-14
+
+
+def test_warm_started_neumann_resolves_the_small_curvature_a_cold_series_cuts_short():
+    # J = 2 terms from scratch leave the directions of small eigenvalues ~ηJλ short; carried
+    # across outer steps at a fixed x the warm series converges to the exact hypergradient
+    problem, x, y_star, a, b, c = _quadratic()
+    exact = {"x": x["x"] + b.T @ torch.linalg.solve(a, y_star["y"] - c)}
+    errors = {}
+    for warm in (False, True):
+        method = bl.method("neumann", inner_steps=0, solver_iters=2, solver_lr=0.2,
+                           solver_warm_start=warm)  # fmt: skip
+        state = method.init(problem, x, y_star)
+        for _ in range(300):
+            hg, state = method.step(problem, x, state)
+        errors[warm] = relative_error(hg, exact)
+    assert errors[False] > 0.05 and errors[True] < 1e-10
+
+
+def test_warm_started_neumann_needs_a_product():
+    with pytest.raises(ValueError, match="solver_warm_start needs solver_iters >= 1"):
+        bl.method("neumann", solver_iters=0, solver_warm_start=True)
+
+
 def test_cg_restarts_on_negative_curvature_and_stays_bounded():
     diag = torch.tensor([2.0, 1.0, -1.0, 0.5], dtype=torch.float64)
     matvec = lambda v: {"v": diag * v["v"]}  # noqa: E731 - indefinite A
@@ -298,8 +335,10 @@ def test_hyper_cleaning_mlp_defaults_damp_every_solve_through_per_method_blocks(
     for name in ("cg", "neumann", "subbio", "soba", "stocbio", "amigo", "fixed_point"):
         assert mlp.method_options(name)["ridge"] == RIDGE_MLP, name
     assert "ridge" not in mlp.method_options("itd")
+    assert mlp.method_options("neumann")["solver_warm_start"] is True  # measured to help there
     linear = make("hyper_cleaning", dataset="digits", n_train=50, n_val=50)
     assert all("ridge" not in linear.method_options(n) for n in ("cg", "lancbio", "subbio"))
+    assert "solver_warm_start" not in linear.method_options("neumann")
 
 
 @pytest.mark.parametrize(
