@@ -8,8 +8,7 @@ error of the method's estimate against the exact ∇F (Newton + dense solve).
 
 Writes one JSON history per run and ``table.md`` (medians over seeds of the paper's metric and
 the true ‖∇F‖ at step marks and at CPU-second marks; ``--table-only`` rewrites it from the JSON
-files). Timed: run alone on the
-machine. Smoke test:
+files). Timed: run alone on the machine. Smoke test:
   PYTHONPATH=. python benchmarks/krylov/synthetic_paper.py --steps 3 --seeds 1 --n 50 --out /tmp/s
 """
 

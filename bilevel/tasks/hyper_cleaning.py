@@ -48,9 +48,6 @@ INNER_LR = {"fashion_mnist": 0.1, "digits": 1.0}
 # benchmarks/implicit_networks/README.md)
 RIDGE_MLP = 0.01
 RIDGE_MLP_LANCBIO = 0.1
-# On the MLP neumann continues from the last step's v (the same README: from scratch its J = 5
-# terms leave the flat directions short and it fell below the naive reference on 2 of 3
-# FashionMNIST seeds; warm-started, above it on all 3 at the same cost)
 
 
 @dataclass
@@ -303,6 +300,9 @@ def solver_blocks(dataset: str, model: str) -> dict[str, dict[str, object]]:
     )
     if mlp:
         blocks["lancbio"]["ridge"] = RIDGE_MLP_LANCBIO
+        # from scratch neumann's J = 5 terms leave the flat directions short: below the naive
+        # reference on 2 of 3 FashionMNIST seeds; warm-started, above it on all 3 at the same
+        # cost (benchmarks/implicit_networks/README.md)
         blocks["neumann"]["solver_warm_start"] = True
     return blocks
 
