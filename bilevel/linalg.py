@@ -105,6 +105,7 @@ def conjugate_gradient(
     ab = None  # A b: the first product of a solve from 0 (its first direction is b)
     p, pp = r, rr
     tiny = torch.finfo(rr.dtype).tiny
+    zero = torch.zeros_like(rr)  # a tensor, so the loop's torch.where builds no scalar
     threshold = (tol * torch.sqrt(bb)) ** 2 if tol > 0 else None
     curvature: list[Tensor] = []
     while len(curvature) < maxiter:
@@ -115,11 +116,11 @@ def conjugate_gradient(
             ab = ap
         pap = tr.dot(p, ap)
         curved = pap > eps * pp
-        alpha = torch.where(curved, rr / pap, 0.0)  # the unselected rr / pap may be inf
+        alpha = torch.where(curved, rr / pap, zero)  # the unselected rr / pap may be inf
         x = tr.axpy(alpha, p, x)
-        r = tr.axpy(-alpha, ap, r)
+        r = tr.axpy(alpha, ap, r, sign=-1.0)
         rr_new = tr.dot(r, r)
-        beta = torch.where(curved, rr_new / rr.clamp_min(tiny), 0.0)  # 0: restart along r
+        beta = torch.where(curved, rr_new / rr.clamp_min(tiny), zero)  # 0: restart along r
         p = tr.axpy(beta, p, r)
         pp = torch.addcmul(rr_new, beta, beta * pp)
         rr = rr_new
@@ -131,7 +132,7 @@ def conjugate_gradient(
     rr = torch.where(grew & torch.isfinite(rr), start_rr, rr)
     fell_back = torch.zeros_like(dropped)
     if fallback_lr is not None and ab is not None:
-        made_no_progress = grew | ~torch.stack(curvature).any()
+        made_no_progress = grew | (negative == len(curvature))  # no step of positive curvature
         stalled = zero_start & made_no_progress & torch.isfinite(rr)  # a NaN stays seen
         r_fallback = tr.axpy(-fallback_lr, ab, b)
         x = tr.where(stalled, tr.scale(b, fallback_lr), x)

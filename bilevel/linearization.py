@@ -59,38 +59,46 @@ class LowerLinearization:
             for (k, v), g in zip(y.items(), grads, strict=True)
         }
         self.grad = reduce(self.grad)
-        # products flow only through the components of ∇_y g that depend on x or y
+        # products flow only through the components of ∇_y g that depend on x or y; the lists
+        # autograd takes are built once (products run in tight loops)
         self._outputs = [(k, g) for k, g in zip(y, grads, strict=True) if _traced(g)]
+        self._output_tensors = [g for _, g in self._outputs]
+        self._leaves = {"x": list(self._x.values()), "y": list(self._y.values())}
 
     def hvp(self, v: Tree) -> Tree:
         """∇²_yy g · v (a tree like y)."""
-        return self._pullback("hvp", v, self._y)
+        return self._pullback("hvp", v, "y")
 
     def mixed(self, v: Tree) -> Tree:
         """∇²_xy g · v = ∇_x ⟨∇_y g, v⟩ (a tree like the outer variable)."""
-        return self._pullback("mixed", v, self._x)
+        return self._pullback("mixed", v, "x")
 
     def reaches_x(self) -> bool:
         """Whether ∇_y g depends on the outer variable at all (structurally, through the
         graph: one uncounted backward pass; False means every mixed product is zero)."""
         if not self._outputs:
             return False
-        outputs = [g for _, g in self._outputs]
+        outputs = self._output_tensors
         grads = torch.autograd.grad(
             outputs,
-            list(self._x.values()),
+            self._leaves["x"],
             [torch.ones_like(g) for g in outputs],
             retain_graph=True,
             allow_unused=True,
         )
         return any(g is not None for g in grads)
 
-    def _pullback(self, oracle: str, v: Tree, inputs: dict[str, Tensor]) -> Tree:
+    def _pullback(self, oracle: str, v: Tree, towards: str) -> Tree:
+        """The product of ``v`` with the derivative of ∇_y g towards ``"x"`` or ``"y"``."""
+        inputs = self._x if towards == "x" else self._y
         if self._outputs:
-            outputs = [g for _, g in self._outputs]
             cotangents = [_as_dtype(v[k], g.dtype) for k, g in self._outputs]
             grads = torch.autograd.grad(
-                outputs, list(inputs.values()), cotangents, retain_graph=True, allow_unused=True
+                self._output_tensors,
+                self._leaves[towards],
+                cotangents,
+                retain_graph=True,
+                allow_unused=True,
             )
         else:
             grads = [None] * len(inputs)
@@ -98,7 +106,7 @@ class LowerLinearization:
             k: torch.zeros_like(t).detach() if g is None else _as_dtype(g, t.dtype)
             for (k, t), g in zip(inputs.items(), grads, strict=True)
         }
-        if inputs is self._x:  # towards the outer variable: through the representation
+        if towards == "x":  # towards the outer variable: through the representation
             out = out["z"] if self._tensor_x else out
             out = out if self._pull is None else self._pull(out)
         out = self._reduce(out)

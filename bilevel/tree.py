@@ -49,12 +49,12 @@ def scale(a: Tree, s: float | Tensor) -> Tree:
     return {k: v * s for k, v in a.items()}
 
 
-def axpy(alpha: float | Tensor, x: Tree, y: Tree) -> Tree:
-    """Return ``alpha * x + y``, one fused op per leaf (``torch.add``, or ``torch.addcmul`` for
-    a tensor alpha)."""
+def axpy(alpha: float | Tensor, x: Tree, y: Tree, sign: float = 1.0) -> Tree:
+    """Return ``sign * alpha * x + y``, one fused op per leaf (``torch.add``, or
+    ``torch.addcmul`` for a tensor alpha, whose negation ``sign=-1`` saves)."""
     if isinstance(alpha, Tensor):
-        return {k: torch.addcmul(y[k], alpha, x[k]) for k in x}
-    return {k: torch.add(y[k], x[k], alpha=alpha) for k in x}
+        return {k: torch.addcmul(y[k], alpha, x[k], value=sign) for k in x}
+    return {k: torch.add(y[k], x[k], alpha=sign * alpha) for k in x}
 
 
 def dot(a: Tree, b: Tree) -> Tensor:
@@ -119,4 +119,3 @@ def all_finite(a: Tree) -> Tensor:
     """0-dim bool tensor: every entry of every leaf is finite (no host sync)."""
     flags = [torch.isfinite(v).all() for v in a.values()]
     return torch.stack(flags).all()
-
