@@ -44,10 +44,11 @@ DEFAULT_SPLIT = {"fashion_mnist": (5000, 5000), "digits": (600, 600)}
 # linear model, all weights 1, y trained) is about 13.6 on FashionMNIST and 1.2 on digits.
 INNER_LR = {"fashion_mnist": 0.1, "digits": 1.0}
 # The MLP's lower Hessian is indefinite at the warm-started inner iterates: the damping the
-# methods default to on model="mlp", LancBiO's larger (measurements on digits, 500 steps:
+# methods default to on model="mlp", LancBiO's larger (its one-vector cycles meet near-zero
+# curvature; 0.03 over 0.1: FashionMNIST above the naive reference on 3/3 seeds, not 2/3;
 # benchmarks/implicit_networks/README.md)
 RIDGE_MLP = 0.01
-RIDGE_MLP_LANCBIO = 0.1
+RIDGE_MLP_LANCBIO = 0.03
 
 
 @dataclass
