@@ -101,6 +101,14 @@ def test_warm_started_neumann_needs_a_product():
         bl.method("neumann", solver_iters=0, solver_warm_start=True)
 
 
+@pytest.mark.parametrize("name", ["cg", "fixed_point"])
+def test_solvers_whose_v_starts_at_zero_refuse_zero_iterations(name):
+    # no iteration would leave v = 0 and the hypergradient ∇_x f without a word
+    with pytest.raises(ValueError, match="solver_iters must be an integer >= 1"):
+        bl.method(name, solver_iters=0)
+    bl.method("neumann", solver_iters=0)  # one term: v = η ∇_y f, a real (crude) solve
+
+
 def test_cg_restarts_on_negative_curvature_and_stays_bounded():
     diag = torch.tensor([2.0, 1.0, -1.0, 0.5], dtype=torch.float64)
     matvec = lambda v: {"v": diag * v["v"]}  # noqa: E731 - indefinite A

@@ -286,6 +286,8 @@ class FixedPoint(Implicit):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # 0 would leave v at its start, zero at the first step: hg = ∇_x f, silently
+        check_int("solver_iters", self.solver_iters, 1)
         check_positive("solver_lr", self.solver_lr)
 
     def first_step_checks(self, problem, b, lin):
