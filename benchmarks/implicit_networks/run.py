@@ -4,7 +4,8 @@ For each dataset, method and seed, at the methods' default options (the task's m
 defaults): whether the run hit NaN/Inf (or a rejected linear solve), the validation loss at
 the first logged step and at the end, the final test accuracy beside the task's naive
 reference (the MLP trained on every corrupted sample), seconds per outer step (the timed
-method steps of ``bl.solve``, callbacks excluded) and oracle calls per step. Writes
+method steps of ``bl.solve``, callbacks excluded), oracle calls per step and the method's
+event counts at the end (fallback steps, restarts, anchor resets: ``state.info``). Writes
 ``metrics.json`` (every run) and ``table.md`` (per dataset and method, over the seeds) to
 ``--out-dir`` after each run, so an interrupted run keeps what it finished.
 
@@ -32,6 +33,9 @@ from bilevel.tasks.hyper_cleaning import reference_points
 METHODS = ("cg", "neumann", "subbio", "lancbio")
 DATASETS = ("digits", "fashion_mnist")
 HERE = Path(__file__).parent
+# the cumulative counters the implicit (cg's guard, fallbacks) and Krylov methods keep in state.info
+EVENTS = ("fallbacks", "negative_curvature", "restarts", "warm_start_dropped", "breakdowns",
+          "indefinite", "anchor_resets")  # fmt: skip
 
 
 def run_one(
@@ -46,7 +50,7 @@ def run_one(
               "options": options, "naive_accuracy": naive, "error": None}  # fmt: skip
     rows: list[dict] = []
     try:
-        bl.solve(
+        result = bl.solve(
             task.problem,
             task.x0,
             task.y0,
@@ -59,6 +63,8 @@ def run_one(
         )
     except bl.NonFiniteError as err:
         record["error"] = str(err).splitlines()[0][:300]
+    else:
+        record["counters"] = counters(result.state.info)
     if rows:
         first, last = rows[0], rows[-1]
         record.update(
@@ -79,6 +85,12 @@ def run_one(
     return record
 
 
+def counters(info: dict) -> dict[str, int]:
+    """The method's cumulative event counts at the end of a run (:data:`EVENTS` found in
+    ``state.info``): what the history rows do not carry."""
+    return {k: int(info[k]) for k in EVENTS if k in info}
+
+
 def _mean(values: list[float]) -> str:
     if not values:
         return "–"
@@ -91,7 +103,7 @@ def table(runs: list[dict]) -> str:
     """One row per (dataset, method): the seeds' runs summarised."""
     header = ["dataset", "method", "seeds", "NaN / error", "val loss first → last",
               "falls (seeds)", "test acc. %", "naive ref. %", "s / step", "CPU s / step",
-              "oracles / step"]  # fmt: skip
+              "oracles / step", "events (all seeds)"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     groups: dict[tuple[str, str], list[dict]] = {}
     for run in runs:
@@ -103,6 +115,10 @@ def table(runs: list[dict]) -> str:
         last = _mean([r["val_loss_last"] for r in done])
         counts = done[0]["oracles_per_step"] if done else {}
         oracles = ", ".join(f"{k} {v:.3g}" for k, v in sorted(counts.items()))
+        events: dict[str, int] = {}
+        for run in done:
+            for name, n in run.get("counters", {}).items():
+                events[name] = events.get(name, 0) + n
         lines.append("| " + " | ".join([
             dataset, method, str(len(group)), f"{sum(r['nan'] for r in group)}/{len(group)}",
             f"{first} → {last}", f"{falls}/{len(group)}",
@@ -110,6 +126,7 @@ def table(runs: list[dict]) -> str:
             _mean([r["naive_accuracy"] for r in group]),
             _mean([r["seconds_per_step"] for r in done]),
             _mean([r["cpu_seconds_per_step"] for r in done]), oracles or "–",
+            ", ".join(f"{k} {n}" for k, n in sorted(events.items())) or "–",
         ]) + " |")  # fmt: skip
     errors = [f"- {r['dataset']} {r['method']} seed {r['seed']}: {r['error']}"
               for r in runs if r["error"]]  # fmt: skip
