@@ -38,3 +38,18 @@ def test_bilevel_matches_hand_written_loop(data64, method):
         ours.step()
         err = (ours.hypergradient - reference.hypergradient).norm()
         assert err <= 1e-10 * reference.hypergradient.norm()
+
+
+def test_instruction_counts_pair_every_second_dump_with_its_block(tmp_path):
+    # instructions.py's reading of callgrind's dumps: dump 1 is start-up and the first warm-up,
+    # then each block's counted steps (even dumps) alternate with the next one's warm-up (odd)
+    instructions = pytest.importorskip("instructions")
+    prefix = tmp_path / "callgrind.out"
+    for index, total in enumerate([900, 30, 999, 10, 999, 12], start=1):
+        Path(f"{prefix}.{index}").write_text(f"version: 1\nsummary: {total}\ntotals: {total}\n")
+    labels = ["handwritten/cg", "bilevel/cg", "handwritten/itd"]
+    assert instructions.counted_blocks(prefix, labels) == {
+        "handwritten/cg": 30, "bilevel/cg": 10, "handwritten/itd": 12,
+    }  # fmt: skip
+    text = instructions.table({"handwritten/cg": 2e6, "bilevel/cg": 3e6}, "handwritten")
+    assert "| cg | 2.0 M (1.0000×) | 3.0 M (1.5000×) |" in text

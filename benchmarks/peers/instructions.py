@@ -1,0 +1,125 @@
+"""Instructions per outer step under valgrind's callgrind: a timing that machine noise cannot move.
+
+Seconds per step on a shared or throttling CPU wander by ±5 % from round to round (the
+README's 2026-12-06 run), more than the differences this benchmark is after. Callgrind counts
+the instructions the process executes, which do not depend on what else the machine is doing:
+the same program on the same inputs gives the same count to a few parts in 10⁵. One process
+runs every implementation and method; before and after each one's timed steps it calls
+``os.getppid()``, and ``--dump-before=getppid`` makes callgrind write the counts since the
+previous call, so each block of steps gets its own exact total.
+
+    OMP_NUM_THREADS=1 python benchmarks/peers/instructions.py     # --steps 3 --warmup 2
+
+needs ``valgrind`` (Debian package) and runs about 50× slower than native (~15 min for the
+default hand-written and bilevel; ``--only`` adds peers that are installed). Writes
+``instructions.md`` and ``instructions.json`` beside this file (``--out-dir`` elsewhere).
+Instructions are not seconds (a vectorised matrix product does much work per instruction; a
+Python-level bookkeeping line few), so the table is a check on *extra work*, beside the timed
+table, not a replacement for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).parent
+SUMMARY = re.compile(r"^summary:\s+(\d+)", re.MULTILINE)
+
+
+def child(ids: list[str], warmup: int, steps: int) -> None:
+    """Under callgrind: for each method and implementation, warm-up steps, a marker, the
+    counted steps, a marker. Prints the blocks' labels in order, one per line."""
+    import torch
+    from protocol import METHODS, load_data
+    from run import load_class
+
+    torch.set_num_threads(1)
+    data = load_data()
+    for method in METHODS:
+        for impl_id in ids:
+            cls = load_class(impl_id)
+            if method not in cls.methods:
+                continue
+            impl = cls(method, data)
+            for _ in range(warmup):
+                impl.step()
+            os.getppid()  # dump: everything up to here
+            for _ in range(steps):
+                impl.step()
+            os.getppid()  # dump: exactly the counted steps
+            print(f"BLOCK {impl_id}/{method}", flush=True)
+
+
+def counted_blocks(prefix: Path, labels: list[str]) -> dict[str, int]:
+    """Pair the dumps with the labels: dumps 2, 4, 6, ... hold the counted steps (dump 1
+    holds start-up and the first warm-up, each odd one the next warm-up)."""
+    totals = {}
+    for index, label in enumerate(labels):
+        dump = Path(f"{prefix}.{2 * index + 2}")
+        totals[label] = int(SUMMARY.search(dump.read_text()).group(1))
+    return totals
+
+
+def table(per_step: dict[str, float], baseline: str) -> str:
+    methods = sorted({k.split("/")[1] for k in per_step}, key=["cg", "neumann", "itd"].index)
+    ids = list(dict.fromkeys(k.split("/")[0] for k in per_step))
+    lines = ["| method | " + " | ".join(ids) + " |", "|---" * (len(ids) + 1) + "|"]
+    for method in methods:
+        base = per_step.get(f"{baseline}/{method}")
+        cells = []
+        for impl_id in ids:
+            n = per_step.get(f"{impl_id}/{method}")
+            if n is None:
+                cells.append("–")
+            else:
+                ratio = f" ({n / base:.4f}×)" if base else ""
+                cells.append(f"{n / 1e6:,.1f} M{ratio}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="handwritten,bilevel")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out-dir", type=Path, default=HERE)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    ids = args.only.split(",")
+    if args.child:
+        child(ids, args.warmup, args.steps)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = Path(tmp) / "callgrind.out"
+        command = ["valgrind", "--tool=callgrind", "--dump-before=getppid",
+                   f"--callgrind-out-file={prefix}", sys.executable, str(Path(__file__)),
+                   "--child", "--only", args.only, "--steps", str(args.steps),
+                   "--warmup", str(args.warmup)]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True)
+        labels = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("BLOCK")]
+        if done.returncode != 0 or not labels:
+            sys.exit(f"callgrind run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        totals = counted_blocks(prefix, labels)
+    per_step = {label: n / args.steps for label, n in totals.items()}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"steps": args.steps, "warmup": args.warmup, "instructions_per_step": per_step}
+    (args.out_dir / "instructions.json").write_text(json.dumps(result, indent=1))
+    text = table(per_step, ids[0])
+    (args.out_dir / "instructions.md").write_text(
+        f"Instructions per outer step (callgrind; {args.steps} steps after {args.warmup} "
+        f"warm-up; ratio to {ids[0]})\n\n{text}"
+    )
+    print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
