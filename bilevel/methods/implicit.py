@@ -147,13 +147,16 @@ class Implicit(Method):
     """
 
     KEEPS_INNER_STATE = True
+    # fewest HVPs a solve may take; a solver whose v starts at 0 sets 1 (with no product v
+    # stays 0 and hg = ∇_x f, silently)
+    MIN_SOLVER_ITERS = 0
     solver_iters: int = 20
     ridge: float = RIDGE
     solver_warm_start: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("solver_iters", self.solver_iters, 0)
+        check_int("solver_iters", self.solver_iters, self.MIN_SOLVER_ITERS)
         check_nonnegative("ridge", self.ridge)
 
     def init(self, problem: Problem, x: Tree, y: Tree | None) -> ImplicitState:
@@ -216,12 +219,12 @@ class ConjugateGradient(Implicit):
     start), 1 mixed product.
     """
 
+    MIN_SOLVER_ITERS = 1
     solver_tol: float = 1e-10
     fallback_lr: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("solver_iters", self.solver_iters, 1)  # 0 would leave v unsolved: hg = ∇_x f
         check_nonnegative("solver_tol", self.solver_tol)
         if self.fallback_lr is not None:
             check_positive("fallback_lr", self.fallback_lr)
@@ -282,12 +285,11 @@ class FixedPoint(Implicit):
     of λ_max. Oracles: K inner gradients, 1 linearisation, J HVPs, 1 mixed product (+5 HVPs at
     the first step)."""
 
+    MIN_SOLVER_ITERS = 1
     solver_lr: float = 0.1
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        # 0 would leave v at its start, zero at the first step: hg = ∇_x f, silently
-        check_int("solver_iters", self.solver_iters, 1)
         check_positive("solver_lr", self.solver_lr)
 
     def first_step_checks(self, problem, b, lin):
