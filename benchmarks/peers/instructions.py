@@ -3,15 +3,16 @@
 Seconds per step on a shared or throttling CPU wander by ±5 % from round to round (the
 README's 2026-12-06 run), more than the differences this benchmark is after. Callgrind counts
 the instructions the process executes, which do not depend on what else the machine is doing:
-the same program on the same inputs gives the same count to a few parts in 10⁵. One process
+the same program on the same inputs gave the same counts to 1e-4 in two runs. One process
 runs every implementation and method; before and after each one's timed steps it calls
 ``os.getppid()``, and ``--dump-before=getppid`` makes callgrind write the counts since the
 previous call, so each block of steps gets its own exact total.
 
-    OMP_NUM_THREADS=1 python benchmarks/peers/instructions.py     # --steps 3 --warmup 2
+    python benchmarks/peers/instructions.py --steps 2 --warmup 1    # default --steps 3 --warmup 2
 
-needs ``valgrind`` (Debian package) and runs about 50× slower than native (~15 min for the
-default hand-written and bilevel; ``--only`` adds peers that are installed). Writes
+needs ``valgrind`` (Debian package); under it an outer step takes about 2 minutes, so the
+command above (hand-written and bilevel, 3 methods) ran 40 minutes and the defaults take about
+an hour; ``--only`` adds peers that are installed. Writes
 ``instructions.md`` and ``instructions.json`` beside this file (``--out-dir`` elsewhere).
 Instructions are not seconds (a vectorised matrix product does much work per instruction; a
 Python-level bookkeeping line few), so the table is a check on *extra work*, beside the timed
@@ -68,7 +69,8 @@ def counted_blocks(prefix: Path, labels: list[str]) -> dict[str, int]:
 
 
 def table(per_step: dict[str, float], baseline: str) -> str:
-    methods = sorted({k.split("/")[1] for k in per_step}, key=["cg", "neumann", "itd"].index)
+    # the labels "impl/method" come in the run's order: methods and implementations in order
+    methods = list(dict.fromkeys(k.split("/")[1] for k in per_step))
     ids = list(dict.fromkeys(k.split("/")[0] for k in per_step))
     lines = ["| method | " + " | ".join(ids) + " |", "|---" * (len(ids) + 1) + "|"]
     for method in methods:
