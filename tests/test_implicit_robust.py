@@ -101,11 +101,13 @@ def test_warm_started_neumann_needs_a_product():
         bl.method("neumann", solver_iters=0, solver_warm_start=True)
 
 
-@pytest.mark.parametrize("name", ["cg", "fixed_point"])
-def test_solvers_whose_v_starts_at_zero_refuse_zero_iterations(name):
+@pytest.mark.parametrize(
+    "name, options", [("cg", {}), ("fixed_point", {}), ("amigo", {}), ("amigo", {"solver": "gd"})]
+)
+def test_solvers_whose_v_starts_at_zero_refuse_zero_iterations(name, options):
     # no iteration would leave v = 0 and the hypergradient ∇_x f without a word
     with pytest.raises(ValueError, match="solver_iters must be an integer >= 1"):
-        bl.method(name, solver_iters=0)
+        bl.method(name, solver_iters=0, **options)
     bl.method("neumann", solver_iters=0)  # one term: v = η ∇_y f, a real (crude) solve
 
 

@@ -157,6 +157,8 @@ class AmIGO(Implicit):
     (cg: one more for the warm start's residual once v exists), 1 mixed.
     """
 
+    MIN_SOLVER_ITERS = 1  # v is only ever its warm start (0 at first) without an iteration
+
     solver: str = "cg"
     solver_iters: int = 5
     solver_tol: float | None = None
