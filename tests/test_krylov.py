@@ -10,7 +10,7 @@ import torch
 import bilevel as bl
 from bilevel import linalg
 from bilevel.tasks import QuadraticData, quadratic
-from bilevel.tasks.minibatch_quadratic import minibatch_quadratic
+from bilevel.tasks.minibatch_quadratic import minibatch_quadratic, one_batch_floor
 
 from helpers import relative_error
 
@@ -297,21 +297,30 @@ def test_subbio_default_eta_converges_when_two_over_l_is_below_a_tenth():
 
 def test_lancbio_on_minibatches_holds_one_batch_per_cycle_and_stays_bounded():
     """Measured: with a fresh batch per Lanczos step T projects no single matrix and v grows
-    to ~1e4·‖v*‖ in 400 steps; holding the restart's batch for the cycle keeps it bounded."""
-    def largest_v(**options) -> float:
-        problem, x, y, v_star, _ = minibatch_quadratic()
+    to ~1e4·‖v*‖ in 400 steps; holding the restart's batch for the cycle keeps it bounded.
+    A held cycle solves one batch's system, so its error cannot beat the exact one-batch
+    solves' (mean 0.37 here, against SOBA's 0.05: benchmarks/krylov/minibatch_quadratic.md);
+    measured 0.49 over the last 100 of 400 steps, 11 with a batch per step."""
+
+    def run(**options) -> tuple[float, float]:  # (largest ‖v‖/‖v*‖, mean error of the last 100)
+        problem, x, y, v_star, exact = minibatch_quadratic()
         method = bl.method("lancbio", inner_steps=1, inner_lr=0.02, **options)
-        state, largest = method.init(problem, x, y), 0.0
+        state, largest, errors = method.init(problem, x, y), 0.0, []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             for _ in range(400):
-                _, state = method.step(problem, x, state)
+                hg, state = method.step(problem, x, state)
                 largest = max(largest, float(state.v["y"].norm() / v_star.norm()))
-        return largest
+                errors.append(float((hg["x"] - exact).norm() / exact.norm()))
+        return largest, sum(errors[-100:]) / 100
 
-    held = largest_v()  # the default with lower_data
+    per_batch, _ = one_batch_floor()
+    floor = sum(per_batch) / len(per_batch)
+    held, held_error = run()  # the default with lower_data
     assert held < 3, held
-    assert largest_v(hold_batch=False) > 10 * held
+    assert held_error < 1.5 * floor, (held_error, floor)
+    fresh, fresh_error = run(hold_batch=False)
+    assert fresh > 10 * held and fresh_error > 5 * floor, (fresh, fresh_error)
 
 
 def test_an_anchor_worse_than_zero_is_dropped_at_the_restart():

@@ -4,7 +4,8 @@ Hessians (A_i = X_iᵀX_i/64 + I/2, 8 batches, |y| = 20, spectrum ~[0.5, 50]), a
 Prints, per configuration, the hypergradient's relative error averaged over the last 100 of
 400 steps and the largest ‖v‖/‖v*‖ seen (v* = Ā⁻¹∇_y f of the mean problem), then the floor of
 any method that solves one batch's system exactly per cycle: the error of v_i = A_i⁻¹∇_y f at
-the mean problem's y*, per batch and for the mean of the v_i. Not timed.
+the mean problem's y*, per batch and for the mean of the v_i (the task's ``one_batch_floor``).
+Not timed.
 Run: PYTHONPATH=. python benchmarks/krylov/minibatch_quadratic.py
 """
 
@@ -12,11 +13,8 @@ from __future__ import annotations
 
 import warnings
 
-import torch
-from torch.func import hessian, jacrev
-
 import bilevel as bl
-from bilevel.tasks.minibatch_quadratic import minibatch_quadratic
+from bilevel.tasks.minibatch_quadratic import minibatch_quadratic, one_batch_floor
 
 
 def measure(name: str, steps: int = 400, **options) -> tuple[float, float]:
@@ -28,21 +26,6 @@ def measure(name: str, steps: int = 400, **options) -> tuple[float, float]:
         errors.append(float((hg["x"] - exact).norm() / exact.norm()))
         largest = max(largest, float(state.v["y"].norm() / v_star.norm()))
     return sum(errors[-100:]) / 100, largest
-
-
-def one_batch_floor() -> tuple[list[float], float]:
-    """Relative hypergradient errors of the exact one-batch solves v_i = A_i⁻¹ b, b = Ā v*
-    (= y* − t), and of their mean: what a cycle that solves batch i's system exactly returns
-    at y* (A_i and the mixed term read from the problem by torch.func)."""
-    p, x, _, v_star, exact = minibatch_quadratic()
-    y = {"y": torch.zeros_like(v_star)}
-    hessians = [hessian(lambda y_, i=i: p.lower(x, {"y": y_}, i))(y["y"]) for i in p.lower_data]
-    b = torch.stack(hessians).mean(0) @ v_star
-    # hg = −∇²_xy g · v; ∇_y g is affine in x with the same slope for every batch
-    slope = jacrev(lambda x_: jacrev(lambda y_: p.lower({"x": x_}, {"y": y_}, 0))(y["y"]))(x["x"])
-    solves = [torch.linalg.solve(a, b) for a in hessians]
-    error = lambda v: float((-slope.T @ v - exact).norm() / exact.norm())  # noqa: E731
-    return [error(v) for v in solves], error(torch.stack(solves).mean(0))
 
 
 CONFIGS = {
