@@ -359,7 +359,7 @@ def test_float32(key):
         ("stocbio", {"solver_lr": -0.1}, "solver_lr must be a positive number"),
         ("amigo", {"solver": "lbfgs"}, "solver must be one of cg, gd"),
         ("amigo", {"solver_tol": -1e-3}, "solver_tol must be a number >= 0"),
-        ("amigo", {"solver_iters": -1}, "solver_iters must be an integer >= 0"),
+        ("amigo", {"solver_iters": -1}, "solver_iters must be an integer >= 1"),
         ("amigo", {"solver": "gd", "solver_lr": "big"}, "solver_lr must be a number"),
         ("amigo", {"solver_lr": 0.5}, "solver='cg' has no solver_lr"),
         ("amigo", {"solver": "gd", "solver_tol": 0.0}, "solver='gd' has no solver_tol"),
