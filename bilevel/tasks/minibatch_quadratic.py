@@ -43,6 +43,12 @@ def _draw(n: int, batches: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tens
     return a, b, c, t, torch.randn(4, generator=g, dtype=torch.float64)
 
 
+def _mean_solution(a: Tensor, b: Tensor, c: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+    """v* = Ā⁻¹(y* − t) with y* = Ā⁻¹(Bx + c) of the mean problem Ā = mean_i A_i."""
+    mean = a.mean(0)
+    return torch.linalg.solve(mean, torch.linalg.solve(mean, b @ x0 + c) - t)
+
+
 def minibatch_quadratic(n: int = 20, batches: int = 8, seed: int = 0) -> MinibatchQuadratic:
     """Draw one instance in float64 (deterministic given ``seed``); |x| = 4, |y| = ``n``."""
     a, b, c, t, x0 = _draw(n, batches, seed)
@@ -51,8 +57,7 @@ def minibatch_quadratic(n: int = 20, batches: int = 8, seed: int = 0) -> Minibat
         lower=lambda x, y, i: 0.5 * y["y"] @ (a[i] @ y["y"]) - y["y"] @ (b @ x["x"] + c),
         lower_data=[torch.tensor(i) for i in range(batches)],
     )
-    mean = a.mean(0)
-    v_star = torch.linalg.solve(mean, torch.linalg.solve(mean, b @ x0 + c) - t)
+    v_star = _mean_solution(a, b, c, t, x0)
     y0 = {"y": torch.zeros(n, dtype=torch.float64)}
     return MinibatchQuadratic(problem, {"x": x0}, y0, v_star, b.T @ v_star)
 
@@ -61,11 +66,11 @@ def one_batch_floor(n: int = 20, batches: int = 8, seed: int = 0) -> tuple[list[
     """Relative hypergradient errors of the exact one-batch solves v_i = A_i⁻¹∇_y f at the mean
     problem's y* (∇_y f = y* − t = Ā v*, hypergradient Bᵀv_i), and of the mean of the v_i:
     the floor of a method that solves one batch's system per cycle (E[A_i⁻¹]Ā v* ≠ v*)."""
-    a, b, *_ = _draw(n, batches, seed)
-    instance = minibatch_quadratic(n, batches, seed)
-    rhs = a.mean(0) @ instance.v_star
+    a, b, c, t, x0 = _draw(n, batches, seed)
+    v_star = _mean_solution(a, b, c, t, x0)
+    rhs = a.mean(0) @ v_star
     solves = torch.linalg.solve(a, rhs.expand(batches, n))  # row i: A_i⁻¹ ∇_y f
-    exact = instance.hypergradient
+    exact = b.T @ v_star
     hypergradients = solves @ b  # row i: Bᵀ v_i
     errors = (hypergradients - exact).norm(dim=1) / exact.norm()
     return errors.tolist(), float((hypergradients.mean(0) - exact).norm() / exact.norm())
