@@ -14,6 +14,9 @@
 #
 # Settings:
 #   cleaning      FashionMNIST hyper-cleaning, p = 0.5, 5k/5k, MLP 784-300-10 inner model
+#   cleaning_linear  the same data with the linear 785x10 inner model and K = 5 (the authors'
+#                 code's K; the spec allows MLP or linear), no weight decay (softmax's class-shift
+#                 directions leave the lower level's minimisers a set)
 #   overparam     an over-parameterised lower level: digits hyper-cleaning, MLP 64-100-10
 #                 (7,510 weights) on 300 training samples, no weight decay (many inner minima)
 #   few_shot16    5-way 1-shot glyphs, meta-feature form, meta-batch 16 (the papers' size)
@@ -70,6 +73,10 @@ for setting in $SETTINGS; do
   case $setting in
     cleaning)
       methods cleaning hyper_cleaning $TRUNCATE $REFERENCE --log-every 50 -t model=mlp ;;
+    cleaning_linear)
+      methods cleaning_linear hyper_cleaning 1 -o inner_optimizer=gd -o inner_lr=0.4 \
+        -o warm_start=false -o inner_steps=5 --outer-optimizer adam --outer-lr 1e-3 \
+        --steps "$STEPS" --log-every 50 -t model=linear -t weight_decay=0 ;;
     overparam | overparam_refit)
       refit=$([ "$setting" = overparam_refit ] && echo "-t refit_accuracy=true" || true)
       methods "$setting" hyper_cleaning $TRUNCATE $REFERENCE --log-every 50 -t dataset=digits \
