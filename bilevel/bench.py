@@ -472,7 +472,14 @@ def _check_bench_contents(out: Path, record: dict[str, Any], resume: bool) -> No
             recorded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             raise ValueError(f"unreadable {path}: {str(err).splitlines()[0]}") from None
-        changed = differences(recorded if isinstance(recorded, dict) else {}, record)
+        # a resume may change what decides when the runs stop (each run still refuses to
+        # drop below its steps done); bench.yaml then records the new values
+        fixed = RESUME_MAY_CHANGE if resume else ()
+        changed = differences(
+            {k: v for k, v in (recorded if isinstance(recorded, dict) else {}).items()
+             if k not in fixed},
+            {k: v for k, v in record.items() if k not in fixed},
+        )  # fmt: skip
         if changed:
             raise ValueError(
                 f"{out} holds a benchmark with other settings ({'; '.join(changed)}); "

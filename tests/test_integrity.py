@@ -160,6 +160,23 @@ def test_bench_into_a_folder_with_other_settings_is_refused(tmp_path, capsys):
     assert "| cg | 1 |" in table and "| itd | 1 |" in table
 
 
+def test_bench_resume_may_extend_its_steps(tmp_path, capsys):
+    """A resume may change what RESUME_MAY_CHANGE names (here steps: a finished benchmark is
+    extended); bench.yaml then records the new value, the runs keep their rows once, and a
+    resume below the steps already done is refused by the run."""
+    out = tmp_path / "B"
+    base = ["bench", "quadratic", "--methods", "cg", "--seeds", "1", "--out", out, "--quiet"]
+    assert cli(capsys, *base, "--steps", "4")[0] == 0
+    code, err = cli(capsys, *base, "--steps", "6", "--resume")
+    assert code == 0, err
+    assert steps_of(out / "cg-s0") == [1, 2, 3, 4, 5, 6]
+    assert "steps: 6" in (out / "bench.yaml").read_text()
+    code, err = cli(capsys, *base, "--steps", "3", "--resume")
+    assert code == 2
+    assert any("6 steps are already done" in line for line in err), err
+    assert steps_of(out / "cg-s0") == [1, 2, 3, 4, 5, 6]
+
+
 @pytest.mark.parametrize("seeds", ["0", "-2"])
 def test_bench_needs_at_least_one_seed(tmp_path, capsys, seeds):
     code, err = cli(capsys, "bench", "quadratic", "--methods", "cg", "--seeds", seeds, "--out",
