@@ -155,6 +155,22 @@ def options_for(method: str, options: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in options.items() if k not in scoped}, **scoped.get(method, {})}
 
 
+def load_finished_run(
+    run: Path, task: str, **task_overrides: Any
+) -> tuple[RunConfig, Task, dict[str, Any]]:
+    """A finished run's config, its task rebuilt (same seed and options, ``task_overrides``
+    on top) and its final checkpoint, for evaluations after the fact. Raises ``SystemExit``
+    with one line when the run is of another task or did not reach its last step."""
+    config = RunConfig.from_dict(yaml.safe_load((run / CONFIG).read_text())["run"])
+    if config.task != task:
+        raise SystemExit(f"{run}: task {config.task!r}, not {task}")
+    checkpoint = load_checkpoint(run / CHECKPOINT)
+    if config.steps is None or checkpoint["step"] != config.steps:
+        raise SystemExit(f"{run}: checkpoint at step {checkpoint['step']} of {config.steps}")
+    options = {**task_options(config), **task_overrides}
+    return config, tasks.make(config.task, seed=config.seed, **options), checkpoint
+
+
 def task_options(config: RunConfig) -> dict[str, Any]:
     """The run's task options read by the factory's parameter types, devices checked."""
     factory = tasks.task_factory(config.task)

@@ -24,11 +24,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import yaml
 
-from bilevel import tasks
-from bilevel.bench import CHECKPOINT, RunConfig, task_options
-from bilevel.solve import StepContext, load_checkpoint
+from bilevel.bench import CHECKPOINT, load_finished_run
+from bilevel.solve import StepContext
 from bilevel.tasks.hyper_cleaning import reference_points
 
 COLUMNS = ("refit_test_accuracy", "f1", "test_accuracy")
@@ -36,14 +34,7 @@ COLUMNS = ("refit_test_accuracy", "f1", "test_accuracy")
 
 def measure(run: Path) -> tuple[int, int, dict[str, float], dict[str, float]]:
     """(seed, step, the run's metrics at its final x, the seed's reference points)."""
-    config = RunConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text())["run"])
-    if config.task != "hyper_cleaning":
-        raise SystemExit(f"{run}: task {config.task!r}, not hyper_cleaning")
-    checkpoint = load_checkpoint(run / CHECKPOINT)
-    if config.steps is None or checkpoint["step"] != config.steps:
-        raise SystemExit(f"{run}: checkpoint at step {checkpoint['step']} of {config.steps}")
-    options = {**task_options(config), "refit_accuracy": True}
-    task = tasks.make(config.task, seed=config.seed, **options)
+    config, task, checkpoint = load_finished_run(run, "hyper_cleaning", refit_accuracy=True)
     state = SimpleNamespace(y=checkpoint["state"]["y"])  # the callbacks read state.y only
     ctx = StepContext(config.steps, checkpoint["x"], state, hg={}, hg_x={})
     metrics = {k: v for callback in task.callbacks for k, v in (callback(ctx) or {}).items()}

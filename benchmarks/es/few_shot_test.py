@@ -25,24 +25,10 @@ import statistics
 from pathlib import Path
 
 import torch
-import yaml
 
-from bilevel import tasks
-from bilevel.bench import CHECKPOINT, RunConfig, task_options
-from bilevel.solve import load_checkpoint
+from bilevel.bench import CHECKPOINT, load_finished_run
 from bilevel.tasks.base import Task
 from bilevel.tasks.few_shot import EVAL_CHUNK, evaluate, head_curvature
-
-
-def load_run(run: Path) -> tuple[RunConfig, Task, dict]:
-    """The run's config, its task rebuilt (same seed and options) and its final checkpoint."""
-    config = RunConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text())["run"])
-    if config.task != "few_shot":
-        raise SystemExit(f"{run}: task {config.task!r}, not few_shot")
-    checkpoint = load_checkpoint(run / CHECKPOINT)
-    if config.steps is None or checkpoint["step"] != config.steps:
-        raise SystemExit(f"{run}: checkpoint at step {checkpoint['step']} of {config.steps}")
-    return config, tasks.make(config.task, seed=config.seed, **task_options(config)), checkpoint
 
 
 def measure(task: Task, x: dict, episodes: int) -> dict:
@@ -90,7 +76,7 @@ def main() -> None:
         if not runs:
             raise SystemExit(f"{bench}: no run folder with a {CHECKPOINT}")
         for run in runs:
-            config, task, checkpoint = load_run(run)
+            config, task, checkpoint = load_finished_run(run, "few_shot")
             if config.seed not in initial:  # the untrained x of this seed, once
                 initial[config.seed] = {"seed": config.seed, "steps": 0,
                                         **measure(task, task.x0, args.episodes)}  # fmt: skip
