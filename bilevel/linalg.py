@@ -23,8 +23,10 @@ _EPS = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bf
 @dataclass
 class SolveInfo:
     """What a solver did: iterations run and the residual norm ‖A v − b‖ (a tensor; see each
-    solver for which iterate it measures). CG adds its guard counters (0-dim tensors):
-    ``negative_curvature`` (directions with pᵀAp ≤ 0: no step, the recurrence restarted),
+    solver for which iterate it measures). CG adds its guard counters (0-dim int64 tensors,
+    or the int 0 where the solve cannot count anything: no warm start to drop, no
+    ``fallback_lr``): ``negative_curvature`` (directions with pᵀAp ≤ 0: no step, the
+    recurrence restarted),
     ``restarts`` (those, plus 1 when the solve ended 10× above its start's residual and
     returned the start), ``warm_start_dropped`` (1 when the warm start did not lower the
     residual) and ``fallbacks`` (1 when a solve from 0 made no progress and returned the
@@ -37,8 +39,8 @@ class SolveInfo:
     residual: Tensor | None
     negative_curvature: Tensor | None = None
     restarts: Tensor | None = None
-    warm_start_dropped: Tensor | None = None
-    fallbacks: Tensor | None = None
+    warm_start_dropped: Tensor | int | None = None
+    fallbacks: Tensor | int | None = None
     diverged: Tensor | None = None
 
 
@@ -71,40 +73,41 @@ def conjugate_gradient(
     residual is the recursively updated one (no extra matvec).
 
     Guards, without a host sync, for an indefinite or singular A such as a network's Hessian
-    away from a minimum: a direction of (numerically) non-positive curvature pᵀAp ≤ ε‖p‖²
-    takes no step and restarts the recurrence along the residual (steepest descent), counted
-    in ``negative_curvature``; a solve that ends with its residual 10× above its start's (or
-    non-finite) returns its start instead, with the start's residual when its own is finite
-    (a NaN one is returned for the caller to see). ``restarts`` counts both events. On a
+    away from a minimum: a direction of (numerically) non-positive curvature pᵀAp ≤ ε‖r‖² —
+    one whose step α = ‖r‖²/pᵀAp would be negative or above 1/ε (ε: ~ the dtype's precision)
+    — takes no step and restarts the recurrence along the residual (steepest descent), counted
+    in ``negative_curvature``; a solve that ends with its residual 10× above its start's
+    returns its start instead, with the start's residual (a non-finite residual is returned
+    as it is, and a non-finite iterate stays non-finite, for the caller to see).
+    ``restarts`` counts both events. On a
     positive definite A neither fires and the iterates are plain CG's. A solve from 0 that
     makes no progress (no direction of positive curvature, or the start returned) would give
     v = 0 and silently drop the implicit term; with ``fallback_lr`` η it returns the bounded
     steepest-descent step v = η b instead (residual ‖b − η A b‖ from the first product, no
-    extra matvec), counted in ``fallbacks``. ‖p‖² follows the CG recurrence
-    ‖p‖² ← ‖r‖² + β²‖p‖², and each update is one fused ``addcmul`` per tensor, so the guarded
-    iteration costs about as many operations as an unguarded one.
+    extra matvec), counted in ``fallbacks``. Each update is one fused ``addcmul`` per tensor,
+    so the guarded iteration costs about as many operations as an unguarded one.
     """
     if maxiter < 0:
         raise ValueError(f"maxiter must be >= 0, got {maxiter}")
     eps = _EPS[next(iter(b.values())).dtype]
     bb = tr.dot(b, b)
-    dropped = torch.zeros((), dtype=torch.int64, device=bb.device)
+    dropped: Tensor | int = 0
+    start_x: Tree | None = None  # None: the start is 0 (x is then built by the first step)
+    zero_start: Tensor | bool = True
     if x0 is None:
-        x, r, rr = tr.zeros_like(b), dict(b), bb
-        zero_start = torch.ones((), dtype=torch.bool, device=bb.device)
+        x, r, rr = None, dict(b), bb
     else:
         r0 = tr.sub(b, matvec(x0))
         rr0 = tr.dot(r0, r0)
         keep = rr0 <= bb
-        x = tr.where(keep, x0, tr.zeros_like(b))
+        x = start_x = tr.where(keep, x0, tr.zeros_like(b))
         r = tr.where(keep, r0, b)
         rr = torch.where(keep, rr0, bb)
         dropped = (~keep).to(torch.int64)
         zero_start = ~keep
-    start_x, start_rr = x, rr
+    start_rr = rr
     ab = None  # A b: the first product of a solve from 0 (its first direction is b)
-    p, pp = r, rr
-    tiny = torch.finfo(rr.dtype).tiny
+    p = r
     zero = torch.zeros_like(rr)  # a tensor, so the loop's torch.where builds no scalar
     threshold = (tol * torch.sqrt(bb)) ** 2 if tol > 0 else None
     curvature: list[Tensor] = []
@@ -115,27 +118,40 @@ def conjugate_gradient(
         if ab is None:
             ab = ap
         pap = tr.dot(p, ap)
-        curved = pap > eps * pp
+        curved = pap > eps * rr  # α = rr / pap in (0, 1/ε)
         alpha = torch.where(curved, rr / pap, zero)  # the unselected rr / pap may be inf
-        x = tr.axpy(alpha, p, x)
+        x = tr.scale(p, alpha) if x is None else tr.axpy(alpha, p, x)
         r = tr.axpy(alpha, ap, r, sign=-1.0)
         rr_new = tr.dot(r, r)
-        beta = torch.where(curved, rr_new / rr.clamp_min(tiny), zero)  # 0: restart along r
+        # 0: restart along r. rr > 0 whenever curved (rr = 0 makes p = 0, of curvature 0),
+        # so the unselected ratio is the only one that can divide by 0
+        beta = torch.where(curved, rr_new / rr, zero)
         p = tr.axpy(beta, p, r)
-        pp = torch.addcmul(rr_new, beta, beta * pp)
         rr = rr_new
         curvature.append(curved)
-    negative = (~torch.stack(curvature)).sum() if curvature else torch.zeros_like(dropped)
-    grew = ~(rr <= _GROWTH**2 * start_rr)  # NaN grows too
-    x = tr.where(grew, start_x, x)
+    negative = (
+        (~torch.stack(curvature)).sum() if curvature else torch.zeros_like(bb, dtype=torch.int64)
+    )
+    kept = rr <= _GROWTH**2 * start_rr  # False for NaN: a NaN residual grew too
+    grew = ~kept
+    # back to the start when grown: 0 or 1 weights are exact, and a non-finite x stays so
+    if x is None:
+        x = tr.zeros_like(b)
+    elif start_x is None:
+        x = tr.scale(x, kept.to(rr.dtype))
+    else:
+        x = tr.lerp(start_x, x, kept.to(rr.dtype))
     # a non-finite residual is kept: a NaN product must not pass unseen behind the start
     rr = torch.where(grew & torch.isfinite(rr), start_rr, rr)
-    fell_back = torch.zeros_like(dropped)
+    fell_back: Tensor | int = 0
     if fallback_lr is not None and ab is not None:
         made_no_progress = grew | (negative == len(curvature))  # no step of positive curvature
-        stalled = zero_start & made_no_progress & torch.isfinite(rr)  # a NaN stays seen
+        stalled = made_no_progress & torch.isfinite(rr)  # a NaN stays seen
+        if zero_start is not True:
+            stalled = stalled & zero_start
+        # a stalled solve's x is its start, 0: the fallback step is x + η b
+        x = tr.axpy(stalled.to(rr.dtype) * fallback_lr, b, x)
         r_fallback = tr.axpy(-fallback_lr, ab, b)
-        x = tr.where(stalled, tr.scale(b, fallback_lr), x)
         rr = torch.where(stalled, tr.dot(r_fallback, r_fallback), rr)
         fell_back = stalled.to(torch.int64)
     info = SolveInfo(len(curvature), torch.sqrt(rr), negative, negative + grew, dropped, fell_back)
@@ -156,8 +172,9 @@ def neumann(matvec: MatVec, b: Tree, lr: float, terms: int) -> tuple[Tree, Solve
     for _ in range(terms - 1):
         p = tr.axpy(-lr, matvec(p), p)
         total = tr.add(total, p)
-    residual = tr.norm(p)
-    info = SolveInfo(terms - 1, residual, diverged=_diverged(residual, b))
+    pp = tr.dot(p, p)
+    diverged = ~(pp <= _GROWTH**2 * tr.dot(b, b))  # NaN counts
+    info = SolveInfo(terms - 1, torch.sqrt(pp), diverged=diverged)
     return tr.scale(total, lr), info
 
 
@@ -172,17 +189,16 @@ def fixed_point(
     ends 10× above ‖b‖.
     """
     v = tr.zeros_like(b) if x0 is None else x0
-    residual = tr.norm(b)
+    r = None  # the last residual A v − b the loop evaluated
     dropped = None
     for it in range(iters):
         r = tr.sub(matvec(v), b)
-        residual = tr.norm(r)
         if it == 0 and x0 is not None:
             keep = tr.dot(r, r) <= tr.dot(b, b)
             dropped = (~keep).to(torch.int64)
             v, r = tr.where(keep, v, tr.zeros_like(b)), tr.where(keep, r, tr.scale(b, -1.0))
-            residual = torch.where(keep, residual, tr.norm(b))
         v = tr.axpy(-lr, r, v)
+    residual = tr.norm(b if r is None else r)
     info = SolveInfo(iters, residual, warm_start_dropped=dropped, diverged=_diverged(residual, b))
     return v, info
 

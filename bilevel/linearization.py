@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bilevel.grad_mode import grad_enabled
 from bilevel.tree import Tree
 
 
@@ -47,21 +48,23 @@ class LowerLinearization:
     ) -> None:
         self._reduce, self._record, self._pull = reduce, record, pull
         self._tensor_x = isinstance(x, Tensor)
-        with torch.enable_grad():
+        with grad_enabled():
             self._x = {k: v.detach().requires_grad_(True) for k, v in _as_tree(x).items()}
             self._y = {k: v.detach().requires_grad_(True) for k, v in y.items()}
             value = loss(self._x["z"] if self._tensor_x else self._x, self._y)
             grads = torch.autograd.grad(
                 value, list(self._y.values()), create_graph=True, allow_unused=True
             )
-        self.grad: Tree = {
-            k: (torch.zeros_like(v) if g is None else g.detach()).to(v.dtype)
-            for (k, v), g in zip(y.items(), grads, strict=True)
-        }
-        self.grad = reduce(self.grad)
         # products flow only through the components of ∇_y g that depend on x or y; the lists
-        # autograd takes are built once (products run in tight loops)
-        self._outputs = [(k, g) for k, g in zip(y, grads, strict=True) if _traced(g)]
+        # autograd takes are built once (products run in tight loops). Autograd gives each
+        # gradient its input's dtype.
+        grad: Tree = {}
+        self._outputs: list[tuple[str, Tensor]] = []
+        for (k, v), g in zip(self._y.items(), grads, strict=True):
+            grad[k] = torch.zeros_like(v) if g is None else g.detach()
+            if g is not None and g.requires_grad:
+                self._outputs.append((k, g))
+        self.grad: Tree = reduce(grad)
         self._output_tensors = [g for _, g in self._outputs]
         self._leaves = {"x": list(self._x.values()), "y": list(self._y.values())}
 
@@ -102,8 +105,9 @@ class LowerLinearization:
             )
         else:
             grads = [None] * len(inputs)
+        # autograd gives every gradient its input's dtype
         out = {
-            k: torch.zeros_like(t).detach() if g is None else _as_dtype(g, t.dtype)
+            k: torch.zeros_like(t) if g is None else g
             for (k, t), g in zip(inputs.items(), grads, strict=True)
         }
         if towards == "x":  # towards the outer variable: through the representation
@@ -121,7 +125,3 @@ def _as_tree(x: Tree | Tensor) -> Tree:
 def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t`` in ``dtype`` (no dispatch when it already is: products run in tight loops)."""
     return t if t.dtype == dtype else t.to(dtype)
-
-
-def _traced(t: Tensor | None) -> bool:
-    return t is not None and t.requires_grad

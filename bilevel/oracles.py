@@ -17,9 +17,8 @@ Three things are injected rather than hard-wired:
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp
 
+from bilevel.grad_mode import grad_enabled
 from bilevel.linearization import LowerLinearization
 from bilevel.tree import Tree
 
@@ -34,6 +34,7 @@ Loss = Callable[[Any, Tree, Any], Tensor]
 Representation = Callable[[Tree, Any], Any]
 Pullback = Callable[[Any], Tree]
 _FOLD = 256  # kept output sums per oracle before they are folded into one
+_WIDE = frozenset({torch.float32, torch.float64})  # dtypes the NaN watch sums in as they are
 
 ORACLES = (
     "lower_grad",  # ∇_y g
@@ -54,6 +55,22 @@ SOLVE = "linear solve"  # the flag of a rejected linear solve (not an oracle)
 STEP_SIZE = "solver step size"  # the flag of a diverged Neumann / fixed-point iteration
 # what a broken linear solve flags: its products and the estimate built from them
 _SOLVE_SIDE = {SOLVE, STEP_SIZE, "hvp", "mixed", "linearize", "hypergradient (squared)"}
+
+
+class _Switch:
+    """A block with one boolean attribute of ``owner`` off, restored on exit (a plain class:
+    cheaper per use than a generator-based ``contextlib.contextmanager``, and methods enter
+    one every step)."""
+
+    def __init__(self, owner: object, name: str) -> None:
+        self.owner, self.name = owner, name
+
+    def __enter__(self) -> None:
+        self.previous = getattr(self.owner, self.name)
+        setattr(self.owner, self.name, False)
+
+    def __exit__(self, *exc: object) -> None:
+        setattr(self.owner, self.name, self.previous)
 
 
 class NonFiniteError(FloatingPointError):
@@ -115,55 +132,64 @@ class Oracles:
             raise ValueError(f"unknown oracle {oracle!r}; known: {', '.join(ORACLES)}")
         self._count(oracle, n)
 
-    @contextlib.contextmanager
-    def uncounted(self) -> Iterator[None]:
+    def uncounted(self) -> _Switch:
         """Oracle calls inside this block (logging, evaluation) are not counted."""
-        previous, self._counting = self._counting, False
-        try:
-            yield
-        finally:
-            self._counting = previous
+        return _Switch(self, "_counting")
 
-    @contextlib.contextmanager
-    def unwatched(self) -> Iterator[None]:
+    def unwatched(self) -> _Switch:
         """Skip the NaN/Inf flags inside this block: for oracle calls made under ``vmap`` or
         nested transforms, whose outputs must not escape; the caller watches its result."""
-        previous, self._watching = self._watching, False
-        try:
-            yield
-        finally:
-            self._watching = previous
+        return _Switch(self, "_watching")
 
-    def watch(self, oracle: str, out: Tree | Tensor) -> None:
-        """Flag NaN/Inf in ``out`` (attributed to ``oracle``) without a host sync.
+    def watch(self, oracle: str, *outs: Tree | Tensor) -> None:
+        """Flag NaN/Inf in ``outs`` (trees or tensors, attributed to ``oracle``) without a host
+        sync.
 
-        Cheap enough for every oracle call: one float64 sum per output tensor is kept per
-        oracle (any NaN or Inf entry makes it non-finite), and :meth:`raise_if_nonfinite`
-        checks them all in one reduction once per outer step. Between checks the kept sums
-        are folded into one every ``_FOLD`` outputs, so memory stays bounded.
+        Cheap enough for every oracle call: one sum per output tensor is kept per oracle (any
+        NaN or Inf entry makes it non-finite; summed in the tensor's own dtype, at least
+        float32, which overflows only for entries near 1e34 — where the step's own norms have
+        long overflowed), and :meth:`raise_if_nonfinite` checks them all in one reduction once
+        per outer step. Between checks the kept sums are folded into one every ``_FOLD``
+        outputs, so memory stays bounded.
         """
         if not self.check_finite or not self._counting or not self._watching:
             return
-        tensors = out.values() if isinstance(out, dict) else (out,)
-        parts = [t.detach().sum(dtype=torch.float64) for t in tensors]
-        if not parts:
+        parts = [
+            _finite_sum(t)
+            for out in outs
+            for t in (out.values() if isinstance(out, dict) else (out,))
+        ]
+        if parts:
+            self._keep(oracle, parts)
+
+    def watch_solve(self, *flags: Tensor, flag: str = SOLVE) -> None:
+        """Flag a linear solve (no host sync) when one of ``flags`` is bad: a 0-dim bool tensor
+        that is True, or a floating one (a norm of the solve's) that is non-finite.
+        :meth:`raise_if_nonfinite` then names the linear solve (``flag`` STEP_SIZE: a diverged
+        stationary iteration, named with its step)."""
+        if not self.check_finite or not self._counting or not self._watching:
             return
-        sums = self._nonfinite.setdefault(oracle, [])
-        sums.extend(parts)
-        if len(sums) > _FOLD:
-            sums[:] = [torch.stack([s.to(sums[0].device) for s in sums]).sum()]
+        self._keep(flag, list(flags))
+
+    def _keep(self, name: str, flags: list[Tensor]) -> None:
+        """Keep 0-dim flags (bool: True is bad; floating: non-finite is bad) under ``name``,
+        folded into one every ``_FOLD``."""
+        kept = self._nonfinite.setdefault(name, [])
+        kept.extend(flags)
+        if len(kept) > _FOLD:
+            kept[:] = [_total(kept, kept[0].device)]
 
     def raise_if_nonfinite(self, step: int) -> None:
         """Raise :class:`NonFiniteError` if any oracle produced NaN/Inf (one host sync)."""
         if not self._nonfinite:
             return
-        sums = self._nonfinite
+        kept = self._nonfinite
         self._nonfinite = {}
-        names = list(sums)
-        device = sums[names[0]][0].device
-        totals = [torch.stack([s.to(device) for s in sums[n]]).sum() for n in names]
-        finite = torch.isfinite(torch.stack(totals))
-        bad = [name for name, ok in zip(names, finite.tolist(), strict=True) if not ok]
+        names = list(kept)
+        device = kept[names[0]][0].device
+        totals = torch.stack([_total(kept[n], device) for n in names])
+        finite = torch.isfinite(totals).tolist()
+        bad = [name for name, ok in zip(names, finite, strict=True) if not ok]
         solve_side = set(bad) <= _SOLVE_SIDE  # the inner loop's own oracles are fine
         if STEP_SIZE in bad and solve_side:
             raise NonFiniteError(
@@ -188,17 +214,9 @@ class Oracles:
                 "may diverge (lower inner_lr) or the losses overflow"
             )
 
-    def watch_solve(self, bad: Tensor, flag: str = SOLVE) -> None:
-        """Flag a linear solve whose v or hypergradient was rejected (a 0-dim bool tensor, no
-        host sync); :meth:`raise_if_nonfinite` then names the linear solve (``flag``
-        STEP_SIZE: a diverged stationary iteration, named with its step)."""
-        if not self.check_finite or not self._counting or not self._watching:
-            return
-        marked = torch.where(bad, torch.nan, 0.0).to(torch.float64)  # NaN marks it, as a sum
-        self._nonfinite.setdefault(flag, []).append(marked)
-
     def _record(self, oracle: str, out: Tree) -> None:
-        self._count(oracle)
+        if self._counting:
+            self.counts[oracle] += 1
         self.watch(oracle, out)
 
     # ----------------------------------------------------------------- oracles
@@ -222,17 +240,18 @@ class Oracles:
         """
         self._count("lower_grad")
         w = self._at("lower", x, batch)[0]
-        if mode == "func":
+        if mode == "autograd":  # the inner loops' mode first: checked every inner step
+            leaves = {k: v.detach().requires_grad_(True) for k, v in y.items()}
+            with grad_enabled():
+                out = self._autograd_lower_y(w, leaves, batch, create_graph=False)
+        elif mode == "func":
             out = self._grad_lower_y(w, y, batch)
         elif mode == "graph":
             out = self._autograd_lower_y(w, y, batch, create_graph=True)
-        elif mode == "autograd":
-            leaves = {k: v.detach().requires_grad_(True) for k, v in y.items()}
-            with torch.enable_grad():
-                out = self._autograd_lower_y(w, leaves, batch, create_graph=False)
         else:
             raise ValueError(f"mode must be 'func', 'autograd' or 'graph', got {mode!r}")
-        out = self._reduced(out)
+        if self.reduce is not None:
+            out = self.reduce(out)
         self.watch("lower_grad", out)
         return out
 
@@ -264,8 +283,7 @@ class Oracles:
         else:
             raise ValueError(f"mode must be 'func' or 'autograd', got {mode!r}")
         gx, gy = self._reduced(_pulled(pull, gw)), self._reduced(gy)
-        self.watch("upper_grad", gx)
-        self.watch("upper_grad", gy)
+        self.watch("upper_grad", gx, gy)
         return gx, gy
 
     def linearize_lower(self, x: Tree, y: Tree, batch: Any = None) -> LowerLinearization:
@@ -398,7 +416,11 @@ class Oracles:
             create_graph=create_graph,
             allow_unused=True,
         )
-        return {k: _or_zeros(g, v) for (k, v), g in zip(y.items(), grads, strict=True)}
+        # zeros_like never requires grad
+        return {
+            k: torch.zeros_like(v) if g is None else g
+            for (k, v), g in zip(y.items(), grads, strict=True)
+        }
 
     def _lower_at(self, w: Any, y: Tree, batch: Any) -> Tensor:
         if self.lower_autocast is None:
@@ -411,22 +433,43 @@ class Oracles:
         return scalar_loss(self.upper(w, y, batch), "upper")
 
 
+def _finite_sum(t: Tensor) -> Tensor:
+    """A sum of ``t``'s entries, non-finite when one is (float32 at least, no graph)."""
+    if t.requires_grad:
+        t = t.detach()
+    return t.sum() if t.dtype in _WIDE else t.sum(dtype=torch.float32)
+
+
+def _total(flags: list[Tensor], device: torch.device) -> Tensor:
+    """A 0-dim float on ``device``, non-finite when some flag is bad (a True bool, a non-finite
+    float)."""
+    floats = [f.to(device) for f in flags if f.dtype != torch.bool]
+    bools = [f.to(device) for f in flags if f.dtype == torch.bool]
+    total = torch.stack(floats).sum() if floats else torch.zeros((), device=device)
+    if bools:
+        total = total + torch.where(torch.stack(bools).any(), torch.nan, 0.0)
+    return total
+
+
 def _autograd_grads(
     loss: Callable[[Any, Tree], Tensor], w: Tree | Tensor, y: Tree
 ) -> tuple[Tree | Tensor, Tree]:
     """(∇_w loss, ∇_y loss) by torch.autograd on detached leaves; zeros where unused."""
     w_tree = {"w": w} if isinstance(w, Tensor) else w
-    with torch.enable_grad():
-        leaves = [{k: v.detach().requires_grad_(True) for k, v in t.items()} for t in (w_tree, y)]
-        inputs = [*leaves[0].values(), *leaves[1].values()]
-        value = loss(leaves[0]["w"] if isinstance(w, Tensor) else leaves[0], leaves[1])
-        grads = iter(torch.autograd.grad(value, inputs, allow_unused=True))
-    gw, gy = ({k: _or_zeros(next(grads), v) for k, v in t.items()} for t in leaves)
+    w_leaves = {k: v.detach().requires_grad_(True) for k, v in w_tree.items()}
+    y_leaves = {k: v.detach().requires_grad_(True) for k, v in y.items()}
+    with grad_enabled():
+        value = loss(w_leaves["w"] if isinstance(w, Tensor) else w_leaves, y_leaves)
+        inputs = [*w_leaves.values(), *y_leaves.values()]
+        grads = torch.autograd.grad(value, inputs, allow_unused=True)
+    n = len(w_leaves)
+    gw = {k: _or_zeros(g, v) for (k, v), g in zip(w_leaves.items(), grads[:n], strict=True)}
+    gy = {k: _or_zeros(g, v) for (k, v), g in zip(y_leaves.items(), grads[n:], strict=True)}
     return (gw["w"] if isinstance(w, Tensor) else gw), gy
 
 
 def _or_zeros(g: Tensor | None, like: Tensor) -> Tensor:
-    return torch.zeros_like(like).detach() if g is None else g
+    return torch.zeros_like(like) if g is None else g  # zeros_like never requires grad
 
 
 def _pulled(pull: Pullback | None, gw: Any) -> Tree:

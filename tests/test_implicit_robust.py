@@ -223,11 +223,23 @@ def test_solve_error_names_the_linear_solve():
         bl.hypergrad(problem, x, y0, method)
 
 
-def test_cg_returns_its_start_and_a_nan_residual_after_a_nan_product():
+def test_cg_returns_a_nan_residual_and_no_finite_v_after_a_nan_product():
+    # a NaN product must not pass unseen: not behind the start, not behind a finite v
     b = {"v": torch.ones(3, dtype=torch.float64)}
     v, info = conjugate_gradient(lambda p: {"v": p["v"] * float("nan")}, b, None, 4, 0.0)
-    assert torch.equal(v["v"], torch.zeros(3, dtype=torch.float64))
-    assert torch.isnan(info.residual)
+    assert torch.isnan(info.residual) and not torch.isfinite(v["v"]).any()
+
+
+def test_cg_that_grows_returns_its_start_exactly():
+    # a finite solve whose residual ends 10× above its start's gives back the start, bit for bit
+    diag = torch.tensor([1.0, -0.999], dtype=torch.float64)  # bᵀAb ≈ 0: α ≈ 2000 overshoots
+    matvec = lambda v: {"v": diag * v["v"]}  # noqa: E731
+    b = {"v": torch.tensor([1.0, 1.0], dtype=torch.float64)}
+    x0 = {"v": torch.tensor([0.9, 0.1], dtype=torch.float64)}
+    for start in (None, x0):
+        v, info = conjugate_gradient(matvec, b, start, maxiter=1, tol=0.0)
+        expected = torch.zeros(2, dtype=torch.float64) if start is None else x0["v"]
+        assert int(info.restarts) >= 1 and torch.equal(v["v"], expected)
 
 
 def test_a_nan_hessian_product_inside_cg_is_named_as_the_linear_solve():

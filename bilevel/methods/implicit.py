@@ -19,7 +19,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from bilevel import tree as tr
@@ -114,24 +113,24 @@ def record_solve(
     cumulative over the run) in ``state.info`` (tensors, no host sync), and flag a non-finite
     hypergradient, v or residual, a v beyond the bound V_BOUND·‖b‖/ρ, or a diverged stationary
     iteration for :meth:`~bilevel.Problem.raise_if_nonfinite`, which names the linear solve."""
-    hg_norm, v_norm = tr.norm(hg), tr.norm(v)
+    hg_norm = tr.norm(hg)
+    vv = tr.dot(v, v)
     out = {} if info is None else {"solver_iterations": info.iterations}
     for key in ("negative_curvature", "restarts", "warm_start_dropped", "fallbacks"):
         value = None if info is None else getattr(info, key)
         if value is not None:
-            previous = state.info.get(key, 0)
-            out[key] = value + previous
+            out[key] = value + state.info.get(key, 0)
     residual = residual if info is None else info.residual
     out["hypergradient_norm"] = hg_norm
-    bad = ~torch.isfinite(hg_norm) | ~torch.isfinite(v_norm)
-    if residual is not None:
+    if residual is None:
+        problem.watch_solve(hg_norm, vv)  # non-finite: flagged
+    else:
         out["residual"] = residual
-        bad = bad | ~torch.isfinite(residual)
+        problem.watch_solve(hg_norm, vv, residual)
     if ridge > 0:
-        bad = bad | (v_norm > V_BOUND * tr.norm(b) / ridge)
-    problem.watch_solve(bad)
+        problem.watch_solve(vv > (V_BOUND / ridge) ** 2 * tr.dot(b, b))
     if info is not None and info.diverged is not None:
-        problem.watch_solve(info.diverged, STEP_SIZE)
+        problem.watch_solve(info.diverged, flag=STEP_SIZE)
     state.info.update(out)
 
 
@@ -186,17 +185,18 @@ class Implicit(Method):
         x = tr.detach(x)
         y = self.inner_loop(problem, x, state)
         gx, gy = problem.grad_upper(x, y, problem.upper_batch(), mode="autograd")
-        # one linearisation of ∇_y g serves every HVP of the solve and the mixed product
-        lin = problem.linearize_lower(x, y, problem.lower_batch())
-        if not state.checked:
-            self.first_step_checks(problem, gy, lin)
-            state.checked = True
-        v0 = state.v if self.warm_v else None
-        # a NaN/Inf product reaches v or the residual, which record_solve checks: the solve's
-        # J products need no watch of their own
+        # one linearisation of ∇_y g serves every HVP of the solve and the mixed product. A
+        # NaN/Inf product reaches v, the residual or hg, which record_solve checks (naming the
+        # linear solve, as their own watches would): the linearisation, the solve's J products
+        # and the mixed product need no watch of their own
         with problem.unwatched():
+            lin = problem.linearize_lower(x, y, problem.lower_batch())
+            if not state.checked:
+                self.first_step_checks(problem, gy, lin)
+                state.checked = True
+            v0 = state.v if self.warm_v else None
             v, info = self.solve(problem, x, y, gy, v0, lin)
-        hg = tr.sub(gx, lin.mixed(v))
+            hg = tr.sub(gx, lin.mixed(v))
         state.y, state.v = y, v
         record_solve(problem, state, hg, v, gy, self.ridge, info)
         return hg, state
