@@ -110,7 +110,8 @@ def record_solve(
     residual: Tensor | None = None,
 ) -> None:
     """Put the solve's ``residual`` and ``hypergradient_norm`` (and CG's guard counters,
-    cumulative over the run) in ``state.info`` (tensors, no host sync), and flag a non-finite
+    cumulative over the run: tensors, or 0 while nothing could be counted) in ``state.info``
+    (no host sync), and flag a non-finite
     hypergradient, v or residual, a v beyond the bound V_BOUND·‖b‖/ρ, or a diverged stationary
     iteration for :meth:`~bilevel.Problem.raise_if_nonfinite`, which names the linear solve."""
     hg_norm = tr.norm(hg)
