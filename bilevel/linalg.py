@@ -25,15 +25,14 @@ class SolveInfo:
     """What a solver did: iterations run and the residual norm ‖A v − b‖ (a tensor; see each
     solver for which iterate it measures). CG adds its guard counters (0-dim int64 tensors,
     or the int 0 where the solve cannot count anything: no warm start to drop, no
-    ``fallback_lr``): ``negative_curvature`` (directions with pᵀAp ≤ 0: no step, the
-    recurrence restarted),
-    ``restarts`` (those, plus 1 when the solve ended 10× above its start's residual and
-    returned the start), ``warm_start_dropped`` (1 when the warm start did not lower the
-    residual) and ``fallbacks`` (1 when a solve from 0 made no progress and returned the
-    bounded steepest-descent step instead). The stationary iterations (Neumann, fixed point)
-    set ``diverged`` (a 0-dim bool): the residual ended 10× above ‖b‖, which a step below
-    2/λ_max never does on a positive semi-definite A (each iteration multiplies the residual
-    by I − lr·A)."""
+    ``fallback_lr``): ``negative_curvature`` (directions with pᵀAp ≤ ε‖r‖²: no step, the
+    recurrence restarted), ``restarts`` (those, plus 1 when the solve ended 10× above its
+    start's residual and returned the start), ``warm_start_dropped`` (1 when the warm start
+    did not lower the residual) and ``fallbacks`` (1 when a solve from 0 made no progress and
+    returned the bounded steepest-descent step instead). The stationary iterations (Neumann,
+    fixed point) set ``diverged`` (a 0-dim bool): the residual ended 10× above ‖b‖, which a
+    step below 2/λ_max never does on a positive semi-definite A (each iteration multiplies the
+    residual by I − lr·A)."""
 
     iterations: int
     residual: Tensor | None
@@ -79,8 +78,8 @@ def conjugate_gradient(
     in ``negative_curvature``; a solve that ends with its residual 10× above its start's
     returns its start instead, with the start's residual (a non-finite residual is returned
     as it is, and a non-finite iterate stays non-finite, for the caller to see).
-    ``restarts`` counts both events. On a
-    positive definite A neither fires and the iterates are plain CG's. A solve from 0 that
+    ``restarts`` counts both events. On a positive definite A neither fires and the iterates
+    are plain CG's. A solve from 0 that
     makes no progress (no direction of positive curvature, or the start returned) would give
     v = 0 and silently drop the implicit term; with ``fallback_lr`` η it returns the bounded
     steepest-descent step v = η b instead (residual ‖b − η A b‖ from the first product, no

@@ -111,9 +111,9 @@ def record_solve(
 ) -> None:
     """Put the solve's ``residual`` and ``hypergradient_norm`` (and CG's guard counters,
     cumulative over the run: tensors, or 0 while nothing could be counted) in ``state.info``
-    (no host sync), and flag a non-finite
-    hypergradient, v or residual, a v beyond the bound V_BOUND·‖b‖/ρ, or a diverged stationary
-    iteration for :meth:`~bilevel.Problem.raise_if_nonfinite`, which names the linear solve."""
+    (no host sync), and flag a non-finite hypergradient, v or residual, a v beyond the bound
+    V_BOUND·‖b‖/ρ, or a diverged stationary iteration for
+    :meth:`~bilevel.Problem.raise_if_nonfinite`, which names the linear solve."""
     hg_norm = tr.norm(hg)
     vv = tr.dot(v, v)
     out = {} if info is None else {"solver_iterations": info.iterations}
