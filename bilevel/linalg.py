@@ -172,8 +172,7 @@ def neumann(matvec: MatVec, b: Tree, lr: float, terms: int) -> tuple[Tree, Solve
         p = tr.axpy(-lr, matvec(p), p)
         total = tr.add(total, p)
     pp = tr.dot(p, p)
-    diverged = ~(pp <= _GROWTH**2 * tr.dot(b, b))  # NaN counts
-    info = SolveInfo(terms - 1, torch.sqrt(pp), diverged=diverged)
+    info = SolveInfo(terms - 1, torch.sqrt(pp), diverged=_diverged(pp, b))
     return tr.scale(total, lr), info
 
 
@@ -197,14 +196,15 @@ def fixed_point(
             dropped = (~keep).to(torch.int64)
             v, r = tr.where(keep, v, tr.zeros_like(b)), tr.where(keep, r, tr.scale(b, -1.0))
         v = tr.axpy(-lr, r, v)
-    residual = tr.norm(b if r is None else r)
-    info = SolveInfo(iters, residual, warm_start_dropped=dropped, diverged=_diverged(residual, b))
+    rr = tr.dot(b, b) if r is None else tr.dot(r, r)
+    info = SolveInfo(iters, torch.sqrt(rr), warm_start_dropped=dropped, diverged=_diverged(rr, b))
     return v, info
 
 
-def _diverged(residual: Tensor, b: Tree) -> Tensor:
-    """Whether a stationary iteration's residual ended 10× above ‖b‖ (NaN counts)."""
-    return ~(residual <= _GROWTH * tr.norm(b))
+def _diverged(residual_sq: Tensor, b: Tree) -> Tensor:
+    """Whether a stationary iteration's residual (given squared: no square root) ended 10×
+    above ‖b‖ (NaN counts)."""
+    return ~(residual_sq <= _GROWTH**2 * tr.dot(b, b))
 
 
 def largest_eigenvalue(matvec: MatVec, start: Tree, iters: int = 5) -> Tensor:
