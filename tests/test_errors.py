@@ -87,6 +87,34 @@ def test_divergent_inner_loop_in_solve_is_reported():
         )
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_a_nan_watched_long_before_the_check_is_still_named_and_memory_stays_flat(dtype):
+    # a loop of one's own may step a method many times between checks: the watch keeps one
+    # running total per name, not every output
+    problem = _problem()
+    finite = {"y": torch.ones(4, dtype=dtype)}
+    for _ in range(300):
+        problem.watch("lower_grad", finite)
+    problem.watch("upper_grad", {"x": torch.tensor([1.0, float("nan")], dtype=dtype)})
+    for _ in range(300):
+        problem.watch("upper_grad", finite)
+        problem.watch_solve(torch.tensor(False), torch.tensor(2.0, dtype=dtype))
+    assert all(len(kept) == 2 for kept in problem._nonfinite.values())
+    with pytest.raises(bl.NonFiniteError, match=r"oracle\(s\) upper_grad produced NaN/Inf "
+                                                 r"at outer step 7"):  # fmt: skip
+        problem.raise_if_nonfinite(7)
+    problem.raise_if_nonfinite(8)  # the check starts afresh
+
+
+def test_a_true_bool_flag_among_finite_ones_names_the_linear_solve():
+    problem = _problem()
+    problem.watch_solve(torch.tensor(2.0), torch.tensor(False))
+    problem.watch_solve(torch.tensor(True), torch.tensor(3.0))
+    problem.watch_solve(torch.tensor(False))
+    with pytest.raises(bl.NonFiniteError, match="linear solve .* broke down at outer step 2"):
+        problem.raise_if_nonfinite(2)
+
+
 def test_unknown_method_lists_available():
     with pytest.raises(ValueError, match=r"unknown method 'nope'; available: .*cg.*itd"):
         bl.method("nope")
