@@ -46,10 +46,27 @@ def test_instruction_counts_pair_every_second_dump_with_its_block(tmp_path):
     instructions = pytest.importorskip("instructions")
     prefix = tmp_path / "callgrind.out"
     for index, total in enumerate([900, 30, 999, 10, 999, 12], start=1):
-        Path(f"{prefix}.{index}").write_text(f"version: 1\nsummary: {total}\ntotals: {total}\n")
+        Path(f"{prefix}.{index}").write_text(
+            f"version: 1\nevents: Ir\nsummary: {total}\ntotals: {total}\n"
+        )
     labels = ["handwritten/cg", "bilevel/cg", "handwritten/itd"]
     assert instructions.counted_blocks(prefix, labels) == {
-        "handwritten/cg": 30, "bilevel/cg": 10, "handwritten/itd": 12,
-    }  # fmt: skip
-    text = instructions.table({"handwritten/cg": 2e6, "bilevel/cg": 3e6}, "handwritten")
+        "handwritten/cg": {"instructions": 30},
+        "bilevel/cg": {"instructions": 10},
+        "handwritten/itd": {"instructions": 12},
+    }
+    text = instructions.table({"handwritten/cg": 2e6, "bilevel/cg": 3e6}, "handwritten", "Ir")
     assert "| cg | 2.0 M (1.0000×) | 3.0 M (1.5000×) |" in text
+
+
+def test_cache_simulation_reports_first_and_last_level_misses_summed_over_reads_and_writes(
+    tmp_path,
+):
+    instructions = pytest.importorskip("instructions")
+    prefix = tmp_path / "callgrind.out"
+    events = "events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw\n"
+    Path(f"{prefix}.1").write_text(events + "summary: 9 9 9 9 9 9 9 9 9\n")
+    Path(f"{prefix}.2").write_text(events + "summary: 100 50 20 7 5 3 1 4 2\n")
+    assert instructions.counted_blocks(prefix, ["bilevel/cg"]) == {
+        "bilevel/cg": {"instructions": 100, "D1 misses": 8, "LL misses": 6}
+    }
