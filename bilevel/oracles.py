@@ -158,8 +158,7 @@ class Oracles:
             for out in outs
             for t in (out.values() if isinstance(out, dict) else (out,))
         ]
-        if parts:
-            self._keep(oracle, parts)
+        self._keep(oracle, parts)
 
     def watch_solve(self, *flags: Tensor, flag: str = SOLVE) -> None:
         """Flag a linear solve (no host sync) when one of ``flags`` is bad: a 0-dim bool tensor
@@ -176,6 +175,8 @@ class Oracles:
         watch: kept flags, allocated between a step's large temporaries until the check,
         fragmented the heap (resident memory grew ~0.5 MB per outer step of the peer
         benchmark's AID-CG)."""
+        if not flags:
+            return
         total, bad = self._nonfinite.get(name, (None, None))
         for flag in flags:
             if flag.dtype == torch.bool:
