@@ -171,10 +171,10 @@ class Oracles:
 
     def _keep(self, name: str, flags: list[Tensor]) -> None:
         """Fold 0-dim ``flags`` (bool: True is bad; floating: non-finite is bad) into ``name``'s
-        running totals. Each fold replaces the totals, so no small tensor outlives the next
-        watch: kept flags, allocated between a step's large temporaries until the check,
-        fragmented the heap (resident memory grew ~0.5 MB per outer step of the peer
-        benchmark's AID-CG)."""
+        running totals, which replace the old ones: two small tensors per name live between
+        checks. (Keeping every flag until the check, allocated between a step's large
+        temporaries, fragmented the heap: resident memory grew ~0.5 MB per outer step of the
+        peer benchmark's AID-CG.)"""
         if not flags:
             return
         total, bad = self._nonfinite.get(name, (None, None))
@@ -452,12 +452,11 @@ def _on(flag: Tensor, total: Tensor) -> Tensor:
 
 def _good(total: Tensor | None, bad: Tensor | None, device: torch.device) -> Tensor:
     """A 0-dim bool on ``device``: the float total is finite and no bool flag was True."""
-    good = torch.ones((), dtype=torch.bool, device=device)
-    if total is not None:
+    if total is None:
+        good = torch.ones((), dtype=torch.bool, device=device)
+    else:
         good = torch.isfinite(total.to(device))
-    if bad is not None:
-        good = good & ~bad.to(device)
-    return good
+    return good if bad is None else good & ~bad.to(device)
 
 
 def _autograd_grads(
