@@ -100,7 +100,8 @@ def table(per_step: dict[str, float], baseline: str, event: str) -> str:
                 cells.append("–")
             else:
                 ratio = f" ({n / base:.4f}×)" if base else ""
-                cells.append(f"{n / 1e6:,.1f} M{ratio}")
+                count = f"{n / 1e6:,.1f} M" if n >= 1e6 else f"{n / 1e3:,.1f} k"
+                cells.append(f"{count}{ratio}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
