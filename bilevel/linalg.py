@@ -2,11 +2,13 @@
 
 All solvers take ``matvec(v) -> A v`` (a Hessian-vector oracle) and never form A.
 Convergence tests that need a number on the host (CG's tolerance) are the only host syncs,
-and they are skipped when the tolerance is 0.
+and they are skipped when the tolerance is 0 — unless CG is asked for ``host_scalars``, which
+the AID methods do on the CPU, where a read costs nothing.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,9 +25,9 @@ _EPS = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bf
 @dataclass
 class SolveInfo:
     """What a solver did: iterations run and the residual norm ‖A v − b‖ (a tensor; see each
-    solver for which iterate it measures). CG adds its guard counters (0-dim int64 tensors,
-    or the int 0 where the solve cannot count anything: no warm start to drop, no
-    ``fallback_lr``): ``negative_curvature`` (directions with pᵀAp ≤ ε‖r‖²: no step, the
+    solver for which iterate it measures). CG adds its guard counters (0-dim int64 tensors;
+    ints with ``host_scalars`` and where the solve cannot count anything: no warm start to
+    drop, no ``fallback_lr``): ``negative_curvature`` (directions with pᵀAp ≤ ε‖r‖²: no step, the
     recurrence restarted), ``restarts`` (those, plus 1 when the solve ended 10× above its
     start's residual and returned the start), ``warm_start_dropped`` (1 when the warm start
     did not lower the residual) and ``fallbacks`` (1 when a solve from 0 made no progress and
@@ -36,11 +38,17 @@ class SolveInfo:
 
     iterations: int
     residual: Tensor | None
-    negative_curvature: Tensor | None = None
-    restarts: Tensor | None = None
+    negative_curvature: Tensor | int | None = None
+    restarts: Tensor | int | None = None
     warm_start_dropped: Tensor | int | None = None
     fallbacks: Tensor | int | None = None
     diverged: Tensor | None = None
+
+
+def on_cpu(b: Tree) -> bool:
+    """Whether ``b`` lives on the CPU, where a solver's scalars are free to read
+    (:func:`conjugate_gradient`'s ``host_scalars``)."""
+    return next(iter(b.values())).device.type == "cpu"
 
 
 def damped(matvec: MatVec, rho: float) -> MatVec:
@@ -62,6 +70,7 @@ def conjugate_gradient(
     maxiter: int = 100,
     tol: float = 1e-10,
     fallback_lr: float | None = None,
+    host_scalars: bool = False,
 ) -> tuple[Tree, SolveInfo]:
     """Solve A v = b for symmetric A by curvature-aware conjugate gradients.
 
@@ -83,13 +92,21 @@ def conjugate_gradient(
     makes no progress (no direction of positive curvature, or the start returned) would give
     v = 0 and silently drop the implicit term; with ``fallback_lr`` η it returns the bounded
     steepest-descent step v = η b instead (residual ‖b − η A b‖ from the first product, no
-    extra matvec), counted in ``fallbacks``. Each update is one fused ``addcmul`` per tensor,
-    so the guarded iteration costs about as many operations as an unguarded one.
+    extra matvec), counted in ``fallbacks``. Each update is one fused op per tensor, so the
+    guarded iteration costs about as many operations as an unguarded one.
+
+    ``host_scalars``: the step sizes, norms and guard tests are Python numbers, read from the
+    two inner products of each iteration, instead of 0-dim tensors (the counters are then
+    ints). For CPU tensors outside autograd and ``torch.func`` transforms, where a read costs
+    nothing and a float operation ~40× less than a 0-dim tensor one: ~1 ms of the peer
+    benchmark's 10-iteration solve (benchmarks/peers/README.md). The iterates are the same up
+    to rounding (the scalars in float64).
     """
     if maxiter < 0:
         raise ValueError(f"maxiter must be >= 0, got {maxiter}")
     eps = _EPS[next(iter(b.values())).dtype]
-    bb = tr.dot(b, b)
+    read = Tensor.item if host_scalars else _unread
+    bb = read(tr.dot(b, b))
     dropped: Tensor | int = 0
     start_x: Tree | None = None  # None: the start is 0 (x is then built by the first step)
     zero_start: Tensor | bool = True
@@ -97,49 +114,52 @@ def conjugate_gradient(
         x, r, rr = None, dict(b), bb
     else:
         r0 = tr.sub(b, matvec(x0))
-        rr0 = tr.dot(r0, r0)
+        rr0 = read(tr.dot(r0, r0))
         keep = rr0 <= bb
-        x = start_x = tr.where(keep, x0, tr.zeros_like(b))
-        r = tr.where(keep, r0, b)
-        rr = torch.where(keep, rr0, bb)
-        dropped = (~keep).to(torch.int64)
-        zero_start = ~keep
+        if host_scalars:  # a dropped start is the zero start
+            x = start_x = x0 if keep else None
+            r, rr, dropped, zero_start = (r0, rr0, 0, False) if keep else (dict(b), bb, 1, True)
+        else:
+            x = start_x = tr.where(keep, x0, tr.zeros_like(b))
+            r = tr.where(keep, r0, b)
+            rr = torch.where(keep, rr0, bb)
+            dropped = (~keep).to(torch.int64)
+            zero_start = ~keep
     start_rr = rr
     ab = None  # A b: the first product of a solve from 0 (its first direction is b)
     p = r
-    zero = torch.zeros_like(rr)  # a tensor, so the loop's torch.where builds no scalar
-    threshold = (tol * torch.sqrt(bb)) ** 2 if tol > 0 else None
-    curvature: list[Tensor] = []
+    zero = None if host_scalars else torch.zeros_like(rr)  # the loop's torch.where: no scalar
+    threshold = tol**2 * bb if tol > 0 else None
+    curvature: list[Tensor | bool] = []
     while len(curvature) < maxiter:
         if threshold is not None and bool(rr <= threshold):
             break
         ap = matvec(p)
         if ab is None:
             ab = ap
-        pap = tr.dot(p, ap)
+        pap = read(tr.dot(p, ap))
         curved = pap > eps * rr  # α = rr / pap in (0, 1/ε)
-        alpha = torch.where(curved, rr / pap, zero)  # the unselected rr / pap may be inf
+        alpha = _quotient_where(curved, rr, pap, zero)
         x = tr.scale(p, alpha) if x is None else tr.axpy(alpha, p, x)
         r = tr.axpy(alpha, ap, r, sign=-1.0)
-        rr_new = tr.dot(r, r)
+        rr_new = read(tr.dot(r, r))
         # 0: restart along r. rr > 0 whenever curved (rr = 0 makes p = 0, of curvature 0),
         # so the unselected ratio is the only one that can divide by 0
-        beta = torch.where(curved, rr_new / rr, zero)
+        beta = _quotient_where(curved, rr_new, rr, zero)
         p = tr.axpy(beta, p, r)
         rr = rr_new
         curvature.append(curved)
+    if x is None:
+        x = tr.zeros_like(b)
+    if host_scalars:
+        return _end_on_host(x, start_x, b, ab, rr, start_rr, curvature, zero_start,
+                            dropped, fallback_lr)  # fmt: skip
     negative = (
         (~torch.stack(curvature)).sum() if curvature else torch.zeros_like(bb, dtype=torch.int64)
     )
     kept = rr <= _GROWTH**2 * start_rr  # False for NaN: a NaN residual grew too
     grew = ~kept
-    # back to the start when grown: 0 or 1 weights are exact, and a non-finite x stays so
-    if x is None:
-        x = tr.zeros_like(b)
-    elif start_x is None:
-        x = tr.scale(x, kept.to(rr.dtype))
-    else:
-        x = tr.lerp(start_x, x, kept.to(rr.dtype))
+    x = _towards_start(x, start_x, kept.to(rr.dtype))
     # a non-finite residual is kept: a NaN product must not pass unseen behind the start
     rr = torch.where(grew & torch.isfinite(rr), start_rr, rr)
     fell_back: Tensor | int = 0
@@ -155,6 +175,60 @@ def conjugate_gradient(
         fell_back = stalled.to(torch.int64)
     info = SolveInfo(len(curvature), torch.sqrt(rr), negative, negative + grew, dropped, fell_back)
     return x, info
+
+
+def _end_on_host(
+    x: Tree,
+    start_x: Tree | None,
+    b: Tree,
+    ab: Tree | None,
+    rr: float,
+    start_rr: float,
+    curvature: list[bool],
+    zero_start: bool,
+    dropped: int,
+    fallback_lr: float | None,
+) -> tuple[Tree, SolveInfo]:
+    """:func:`conjugate_gradient`'s end with host scalars: the same guards as its tensor
+    path, branching where that one selects."""
+    negative = curvature.count(False)
+    grew = not rr <= _GROWTH**2 * start_rr  # True for NaN
+    if grew:
+        x = _towards_start(x, start_x, 0.0)
+        if math.isfinite(rr):
+            rr = start_rr
+    fell_back = 0
+    made_no_progress = grew or negative == len(curvature)  # no step of positive curvature
+    # a stalled solve from 0 (its x is 0) takes the fallback step; a NaN stays seen
+    stalled = made_no_progress and zero_start and math.isfinite(rr)
+    if fallback_lr is not None and ab is not None and stalled:
+        x = tr.axpy(fallback_lr, b, x)
+        r_fallback = tr.axpy(-fallback_lr, ab, b)
+        rr, fell_back = tr.dot(r_fallback, r_fallback).item(), 1
+    like = next(iter(b.values()))
+    residual = torch.tensor(math.sqrt(rr), dtype=like.dtype, device=like.device)
+    return x, SolveInfo(len(curvature), residual, negative, negative + grew, dropped, fell_back)
+
+
+def _unread(t: Tensor) -> Tensor:
+    """A scalar left on its device (no host sync)."""
+    return t
+
+
+def _quotient_where(
+    cond: Tensor | bool, num: Tensor | float, den: Tensor | float, zero: Tensor | None
+) -> Tensor | float:
+    """num / den where ``cond`` holds, else 0: Python numbers, or 0-dim tensors selected
+    without a host sync (the unselected quotient may then be inf or NaN)."""
+    if isinstance(cond, bool):
+        return num / den if cond else 0.0
+    return torch.where(cond, num / den, zero)
+
+
+def _towards_start(x: Tree, start_x: Tree | None, weight: Tensor | float) -> Tree:
+    """x at ``weight`` 1, the start (0 when ``start_x`` is None) at 0: exact at those weights,
+    and a non-finite x stays non-finite."""
+    return tr.scale(x, weight) if start_x is None else tr.lerp(start_x, x, weight)
 
 
 def neumann(matvec: MatVec, b: Tree, lr: float, terms: int) -> tuple[Tree, SolveInfo]:

@@ -126,7 +126,7 @@ def where(condition: Tensor, a: Tree, b: Tree) -> Tree:
     return {k: torch.where(condition, a[k], b[k]) for k in a}
 
 
-def lerp(a: Tree, b: Tree, weight: Tensor) -> Tree:
+def lerp(a: Tree, b: Tree, weight: Tensor | float) -> Tree:
     """a + weight·(b − a) per leaf (``torch.lerp``: exact at weight 0 and 1 for finite a, b;
     one vectorised op, where ``torch.where`` on a 0-dim condition is an elementwise loop)."""
     return {k: torch.lerp(a[k], b[k], weight) for k in a}

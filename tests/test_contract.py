@@ -5,7 +5,8 @@
 - ``bl.solve`` with a checkpoint resumes bit-exactly;
 - the oracle counts of a (warm) step are the ones its docstring states;
 - ``step`` reads no number back to the host (``.item()``, ``bool()``, ``float()``) unless the
-  method documents why (:data:`DOCUMENTED_SYNCS`).
+  method documents why (:data:`DOCUMENTED_SYNCS`; on the CPU, where a read is free,
+  :data:`CPU_READS`).
 
 Host reads are caught on any device by a ``TorchDispatchMode`` that sees
 ``aten._local_scalar_dense``, the op every tensor-to-Python-number conversion dispatches to.
@@ -21,6 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bilevel as bl
+from bilevel.linalg import conjugate_gradient
 from bilevel.tasks import quadratic
 
 K, J, Q, DIM_X, DIM_Y = 3, 4, 2, 3, 5
@@ -72,6 +74,11 @@ DOCUMENTED_SYNCS = {
     # the restart decides whether an HVP is spent, so it must be known on the host
     "lancbio": "restart decision",
 }
+
+# reads on the CPU only, where they cost nothing: CG keeps its scalars on the host there
+# (‖b‖², the warm start's ‖r₀‖², then pᵀAp and ‖r‖² per iteration); on an accelerator it reads
+# nothing, which test_cg_on_tensor_scalars_reads_nothing_back checks on the CPU
+CPU_READS = {"cg": 2 + 2 * J, "amigo": 2 + 2 * J}
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -156,13 +163,27 @@ def test_step_reads_nothing_back_to_the_host(name, device):
     reads = HostReads()
     with reads:
         method.step(task.problem, task.x0, state)
-    assert reads.count == 0, f"{name}: {reads.count} host read(s) in step"
+    expected = CPU_READS.get(name, 0) if device == "cpu" else 0
+    assert reads.count == expected, f"{name}: {reads.count} host read(s) in step"
     if device == "cuda" and name not in DOCUMENTED_SYNCS:
         torch.cuda.set_sync_debug_mode("error")
         try:
             method.step(task.problem, task.x0, state)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_cg_on_tensor_scalars_reads_nothing_back(warm_start):
+    # the path CG takes off the CPU, guards and fallback included, checked where CI runs
+    gen = torch.Generator().manual_seed(0)
+    diag = torch.randn(DIM_Y, generator=gen, dtype=torch.float64)  # indefinite
+    b = {"v": torch.randn(DIM_Y, generator=gen, dtype=torch.float64)}
+    x0 = {"v": torch.randn(DIM_Y, generator=gen, dtype=torch.float64)} if warm_start else None
+    reads = HostReads()
+    with reads:
+        _, info = conjugate_gradient(lambda t: {"v": diag * t["v"]}, b, x0, J, 0.0, 0.1)
+    assert reads.count == 0 and isinstance(info.negative_curvature, torch.Tensor)
 
 
 def test_the_host_read_detector_sees_a_documented_sync():

@@ -111,28 +111,30 @@ def test_solvers_whose_v_starts_at_zero_refuse_zero_iterations(name, options):
     bl.method("neumann", solver_iters=0)  # one term: v = η ∇_y f, a real (crude) solve
 
 
-def test_cg_restarts_on_negative_curvature_and_stays_bounded():
+@pytest.mark.parametrize("host", [False, True])
+def test_cg_restarts_on_negative_curvature_and_stays_bounded(host):
     diag = torch.tensor([2.0, 1.0, -1.0, 0.5], dtype=torch.float64)
     matvec = lambda v: {"v": diag * v["v"]}  # noqa: E731 - indefinite A
     b = {"v": torch.ones(4, dtype=torch.float64)}
-    v, info = conjugate_gradient(matvec, b, None, maxiter=20, tol=0.0)
+    v, info = conjugate_gradient(matvec, b, None, maxiter=20, tol=0.0, host_scalars=host)
     assert int(info.negative_curvature) > 0 and int(info.restarts) > 0
     assert torch.isfinite(v["v"]).all() and float(torch.linalg.norm(v["v"])) < 10.0
 
 
-def test_cg_from_zero_without_progress_returns_the_bounded_steepest_descent_step():
+@pytest.mark.parametrize("host", [False, True])
+def test_cg_from_zero_without_progress_returns_the_bounded_steepest_descent_step(host):
     # bᵀAb < 0: every direction (b, then b again) has negative curvature, so CG takes no step
     diag = torch.tensor([2.0, 1.0, -5.0, 0.3], dtype=torch.float64)
     matvec = lambda v: {"v": diag * v["v"]}  # noqa: E731
     b = {"v": torch.ones(4, dtype=torch.float64)}
-    v, info = conjugate_gradient(matvec, b, None, maxiter=5, tol=0.0)
+    v, info = conjugate_gradient(matvec, b, None, maxiter=5, tol=0.0, host_scalars=host)
     assert torch.equal(v["v"], torch.zeros(4, dtype=torch.float64)) and int(info.fallbacks) == 0
-    v, info = conjugate_gradient(matvec, b, None, maxiter=5, tol=0.0, fallback_lr=0.1)
+    v, info = conjugate_gradient(matvec, b, None, 5, 0.0, fallback_lr=0.1, host_scalars=host)
     assert torch.allclose(v["v"], 0.1 * b["v"], rtol=0, atol=1e-15) and int(info.fallbacks) == 1
     expected = torch.linalg.norm(b["v"] - 0.1 * diag * b["v"])
     assert torch.allclose(info.residual, expected, rtol=1e-14)
     # a solve that makes progress keeps its CG iterate
-    v, info = conjugate_gradient(lambda v: {"v": diag.abs() * v["v"]}, b, None, 4, 0.0, 0.1)
+    v, info = conjugate_gradient(lambda v: {"v": diag.abs() * v["v"]}, b, None, 4, 0.0, 0.1, host)
     assert int(info.fallbacks) == 0 and torch.allclose(v["v"], 1 / diag.abs(), rtol=1e-12)
 
 
@@ -223,21 +225,24 @@ def test_solve_error_names_the_linear_solve():
         bl.hypergrad(problem, x, y0, method)
 
 
-def test_cg_returns_a_nan_residual_and_no_finite_v_after_a_nan_product():
+@pytest.mark.parametrize("host", [False, True])
+def test_cg_returns_a_nan_residual_and_no_finite_v_after_a_nan_product(host):
     # a NaN product must not pass unseen: not behind the start, not behind a finite v
     b = {"v": torch.ones(3, dtype=torch.float64)}
-    v, info = conjugate_gradient(lambda p: {"v": p["v"] * float("nan")}, b, None, 4, 0.0)
+    nan_product = lambda p: {"v": p["v"] * float("nan")}  # noqa: E731
+    v, info = conjugate_gradient(nan_product, b, None, 4, 0.0, host_scalars=host)
     assert torch.isnan(info.residual) and not torch.isfinite(v["v"]).any()
 
 
-def test_cg_that_grows_returns_its_start_exactly():
+@pytest.mark.parametrize("host", [False, True])
+def test_cg_that_grows_returns_its_start_exactly(host):
     # a finite solve whose residual ends 10× above its start's gives back the start, bit for bit
     diag = torch.tensor([1.0, -0.999], dtype=torch.float64)  # bᵀAb ≈ 0: α ≈ 2000 overshoots
     matvec = lambda v: {"v": diag * v["v"]}  # noqa: E731
     b = {"v": torch.tensor([1.0, 1.0], dtype=torch.float64)}
     x0 = {"v": torch.tensor([0.9, 0.1], dtype=torch.float64)}
     for start in (None, x0):
-        v, info = conjugate_gradient(matvec, b, start, maxiter=1, tol=0.0)
+        v, info = conjugate_gradient(matvec, b, start, maxiter=1, tol=0.0, host_scalars=host)
         expected = torch.zeros(2, dtype=torch.float64) if start is None else x0["v"]
         assert int(info.restarts) >= 1 and torch.equal(v["v"], expected)
 

@@ -12,9 +12,10 @@ def _system(n=12, condition=50.0, seed=0):
     return A, {"v": b}, (lambda t: {"v": A @ t["v"]})
 
 
-def test_cg_solves_to_tolerance_and_reports():
+@pytest.mark.parametrize("host", [False, True])
+def test_cg_solves_to_tolerance_and_reports(host):
     A, b, mv = _system()
-    v, info = linalg.conjugate_gradient(mv, b, maxiter=100, tol=1e-12)
+    v, info = linalg.conjugate_gradient(mv, b, maxiter=100, tol=1e-12, host_scalars=host)
     exact = torch.linalg.solve(A, b["v"])
     assert torch.allclose(v["v"], exact, rtol=1e-9, atol=1e-11)
     assert info.iterations <= 12 + 2  # n-step termination in exact arithmetic
@@ -22,7 +23,8 @@ def test_cg_solves_to_tolerance_and_reports():
     assert torch.allclose(info.residual, torch.linalg.norm(A @ v["v"] - b["v"]), atol=1e-10)
 
 
-def test_cg_without_tolerance_runs_exact_iterations_and_warm_start_helps():
+@pytest.mark.parametrize("host", [False, True])
+def test_cg_without_tolerance_runs_exact_iterations_and_warm_start_helps(host):
     A, b, mv = _system()
     calls = []
 
@@ -30,20 +32,56 @@ def test_cg_without_tolerance_runs_exact_iterations_and_warm_start_helps():
         calls.append(1)
         return mv(t)
 
-    v3, info = linalg.conjugate_gradient(counted, b, maxiter=3, tol=0.0)
+    v3, info = linalg.conjugate_gradient(counted, b, maxiter=3, tol=0.0, host_scalars=host)
     assert info.iterations == 3 and len(calls) == 3
     calls.clear()
-    v6, info6 = linalg.conjugate_gradient(counted, b, x0=v3, maxiter=3, tol=0.0)
+    v6, info6 = linalg.conjugate_gradient(counted, b, v3, 3, 0.0, host_scalars=host)
     assert len(calls) == 4  # one extra matvec for the warm-start residual
-    cold, info_cold = linalg.conjugate_gradient(mv, b, maxiter=3, tol=0.0)
+    cold, info_cold = linalg.conjugate_gradient(mv, b, maxiter=3, tol=0.0, host_scalars=host)
     assert float(info6.residual) < float(info_cold.residual)
 
 
-def test_cg_warm_start_at_solution_stops_immediately():
+@pytest.mark.parametrize("host", [False, True])
+def test_cg_warm_start_at_solution_stops_immediately(host):
     A, b, mv = _system()
     exact = {"v": torch.linalg.solve(A, b["v"])}
-    _, info = linalg.conjugate_gradient(mv, b, x0=exact, maxiter=50, tol=1e-8)
+    _, info = linalg.conjugate_gradient(mv, b, exact, 50, 1e-8, host_scalars=host)
     assert info.iterations == 0
+
+
+def _diagonal(values):
+    diag = torch.tensor(values, dtype=torch.float64)
+    return lambda t: {"v": diag * t["v"]}
+
+
+@pytest.mark.parametrize(
+    ("case", "matvec", "start"),
+    [
+        ("positive definite", _system()[2], None),
+        ("positive definite, warm start kept", _system()[2], [0.1]),
+        ("warm start dropped", _system()[2], [30.0]),
+        ("negative curvature", _diagonal([2.0, 1.0, -1.0, 0.5] * 3), None),
+        ("no progress: fallback", _diagonal([2.0, 1.0, -5.0, 0.3] * 3), None),
+        ("grows: back to the warm start", _diagonal([1.0, -0.999] * 6), [0.0]),
+        ("NaN product", lambda t: {"v": t["v"] * float("nan")}, None),
+    ],
+)
+@pytest.mark.parametrize("fallback_lr", [None, 0.1])
+def test_cg_with_host_scalars_takes_the_tensor_paths_steps(case, matvec, start, fallback_lr):
+    # the same iterate, residual and guard counters whichever side keeps the scalars
+    b = {"v": torch.ones(12, dtype=torch.float64)}
+    x0 = None if start is None else {"v": torch.tensor(start * (12 // len(start))).double()}
+    runs = [
+        linalg.conjugate_gradient(matvec, b, x0, 8, 0.0, fallback_lr, host_scalars=host)
+        for host in (False, True)
+    ]
+    (v, info), (v_host, info_host) = runs
+    assert torch.allclose(v_host["v"], v["v"], rtol=1e-12, atol=1e-14, equal_nan=True), case
+    assert torch.allclose(info_host.residual, info.residual, rtol=1e-12, equal_nan=True), case
+    assert info_host.residual.dtype == info.residual.dtype and info_host.iterations == 8
+    for key in ("negative_curvature", "restarts", "warm_start_dropped", "fallbacks"):
+        assert isinstance(getattr(info_host, key), int), key
+        assert getattr(info_host, key) == int(getattr(info, key)), (case, key)
 
 
 def test_neumann_and_fixed_point_converge():

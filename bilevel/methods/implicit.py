@@ -31,6 +31,7 @@ from bilevel.linalg import (
     fixed_point,
     largest_eigenvalue,
     neumann,
+    on_cpu,
 )
 from bilevel.linearization import LowerLinearization
 from bilevel.methods.base import Method, MethodState, register
@@ -209,8 +210,10 @@ class ConjugateGradient(Implicit):
     """AID with curvature-aware conjugate gradients on (∇²_yy g + ρI) v = ∇_y f.
 
     Stops at ``solver_iters`` iterations or relative residual ``solver_tol`` (0: no test, no
-    host sync). Non-positive curvature restarts the recurrence, and a solve ending 10× above
-    its start's residual returns the start (counted in ``info``, see
+    host sync off the CPU; on the CPU, where a read is free, the solve keeps its scalars on
+    the host, ``host_scalars`` of :func:`bilevel.linalg.conjugate_gradient`, and ``info``'s
+    counters are ints). Non-positive curvature restarts the recurrence, and a solve ending 10×
+    above its start's residual returns the start (counted in ``info``, see
     :func:`bilevel.linalg.conjugate_gradient`). A solve from 0 that makes no progress (on a
     network far from a minimum, ∇_y f itself can have non-positive curvature) would return
     v = 0, hg = ∇_x f, and freeze a deterministic run; it returns v = η ∇_y f instead, η =
@@ -232,9 +235,8 @@ class ConjugateGradient(Implicit):
 
     def solve(self, problem, x, y, b, v0, lin):
         fallback_lr = self.inner_lr if self.fallback_lr is None else self.fallback_lr
-        return conjugate_gradient(
-            self.operator(lin), b, v0, self.solver_iters, self.solver_tol, fallback_lr
-        )
+        return conjugate_gradient(self.operator(lin), b, v0, self.solver_iters, self.solver_tol,
+                                  fallback_lr, host_scalars=on_cpu(b))  # fmt: skip
 
 
 @register("neumann")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from bilevel import tree as tr
 from bilevel.checks import check_int, check_nonnegative, check_positive
 from bilevel.inner import run_inner
-from bilevel.linalg import MatVec, conjugate_gradient, damped, fixed_point, neumann
+from bilevel.linalg import MatVec, conjugate_gradient, damped, fixed_point, neumann, on_cpu
 from bilevel.linearization import LowerLinearization
 from bilevel.methods.base import Method, register
 from bilevel.methods.implicit import (
@@ -146,8 +146,9 @@ class AmIGO(Implicit):
 
     ``solver="cg"`` (default, "AmIGO-CG" of the LancBiO paper): J = ``solver_iters``
     conjugate-gradient steps from the previous v, stopping early at relative residual
-    ``solver_tol`` (0: never, no host sync); all J products use one lower batch (CG needs a
-    fixed operator), so it is biased under noise and its error shrinks with the batch size.
+    ``solver_tol`` (0: never, no host sync off the CPU; scalars as for ``cg``); all J products
+    use one lower batch (CG needs a fixed operator), so it is biased under noise and its error
+    shrinks with the batch size.
     ``solver="gd"`` (the paper's stochastic solver): J steps v ← v − η(Aⱼ v − b) with
     η = ``solver_lr`` and a fresh lower batch per step (unbiased for quadratics given the
     start). ``solver_tol`` only concerns cg and ``solver_lr`` only gd: giving either to the
@@ -193,6 +194,5 @@ class AmIGO(Implicit):
         # CG needs one operator: its own batch, linearised once (the step's, without lower_data)
         cg_batch = problem.lower_batch()
         cg_lin = lin if problem.lower_data is None else problem.linearize_lower(x, y, cg_batch)
-        return conjugate_gradient(
-            self.operator(cg_lin), b, v0, self.solver_iters, self.solver_tol
-        )
+        return conjugate_gradient(self.operator(cg_lin), b, v0, self.solver_iters, self.solver_tol,
+                                  host_scalars=on_cpu(b))  # fmt: skip
