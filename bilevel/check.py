@@ -143,7 +143,7 @@ def check(
         )
     else:
         reference = tr.check_tree(reference, "reference")
-        basis = torch.eye(tr.size(x), dtype=_dtype(x), device=_device(x))
+        basis = torch.eye(tr.size(x), dtype=_dtype(x), device=tr.device(x))
         target, how = tr.flatten(reference).to(basis.dtype), "the given reference hypergradient"
     results, estimates = [], {}
     for label, method in chosen.items():
@@ -262,7 +262,7 @@ def _finite_differences(
 ) -> tuple[Tensor, Tensor, str]:
     """Directions (rows) and the central differences of F_K along them."""
 
-    dtype, device = _dtype(x), _device(x)
+    dtype, device = _dtype(x), tr.device(x)
     n = tr.size(x)
     if n <= full_up_to:
         basis = torch.eye(n, dtype=dtype, device=device)
@@ -331,10 +331,6 @@ def _per(value: int | Mapping[str, int], label: str) -> int:
 
 def _dtype(x: Tree) -> torch.dtype:
     return next(iter(x.values())).dtype
-
-
-def _device(x: Tree) -> torch.device:
-    return next(iter(x.values())).device
 
 
 def _nan_last(value: float) -> float:

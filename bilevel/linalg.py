@@ -48,7 +48,7 @@ class SolveInfo:
 def on_cpu(b: Tree) -> bool:
     """Whether ``b`` lives on the CPU, where a solver's scalars are free to read
     (:func:`conjugate_gradient`'s ``host_scalars``)."""
-    return next(iter(b.values())).device.type == "cpu"
+    return tr.device(b).type == "cpu"
 
 
 def damped(matvec: MatVec, rho: float) -> MatVec:

@@ -387,7 +387,7 @@ def _raise_if_nonfinite_row(row: dict[str, Any], params: Tree) -> None:
 def peak_memory_mb(params: Tree) -> float:
     """Peak memory so far: allocated GPU memory on CUDA, else the process's peak resident set
     (which includes the Python and torch baseline; compare runs made in separate processes)."""
-    device = next(iter(params.values())).device
+    device = tr.device(params)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     import resource  # POSIX only: imported here, so `import bilevel` works everywhere
@@ -397,7 +397,7 @@ def peak_memory_mb(params: Tree) -> float:
 
 def _synchronize(params: Tree) -> None:
     # Timing on a GPU needs the queued kernels finished; this is the one sync per outer step.
-    device = next(iter(params.values())).device
+    device = tr.device(params)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

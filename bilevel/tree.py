@@ -81,6 +81,11 @@ def norm(a: Tree) -> Tensor:
     return torch.sqrt(dot(a, a))
 
 
+def device(a: Tree) -> torch.device:
+    """The device of the tree's tensors (that of its first leaf)."""
+    return next(iter(a.values())).device
+
+
 def zeros_like(a: Tree) -> Tree:
     return {k: torch.zeros_like(v) for k, v in a.items()}
 

@@ -59,7 +59,7 @@ def draw_direction(like: Tree, seed: int, step: int, q: int, distribution: str) 
     unit-norm direction (the authors' code), so E[u uᵀ] = blockdiag(I/d_i) with d_i the leaf
     size: the indirect term of leaf i is shrunk by 1/d_i in expectation.
     """
-    device = next(iter(like.values())).device
+    device = tr.device(like)
     gen = torch.Generator(device=device).manual_seed(direction_seed(seed, step, q))
     u = tr.randn_like(like, generator=gen)
     if distribution == "sphere_per_tensor":
@@ -164,7 +164,7 @@ class Perturbed(Method):
         torch.distributed (one host read at ``init``, none per step)."""
         if self.seed is not None:
             return self.seed
-        return distributed.shared_seed(next(iter(x.values())).device)
+        return distributed.shared_seed(tr.device(x))
 
     def step(self, problem: Problem, x: Tree, state: ESState) -> tuple[Tree, ESState]:
         # under torch.distributed each rank runs its share of the directions and one all-reduce

@@ -112,7 +112,7 @@ class SubBiO(_Krylov):
     def init(self, problem: Problem, x: Tree, y: Tree | None) -> ImplicitState:
         base = super().init(problem, x, y)
         state = ImplicitState(y=base.y, y0=base.y0, v=tr.zeros_like(base.y))
-        state.info = {"fallbacks": torch.zeros((), dtype=torch.int64, device=_device(base.y))}
+        state.info = {"fallbacks": torch.zeros((), dtype=torch.int64, device=tr.device(base.y))}
         return state
 
     def step(self, problem: Problem, x: Tree, state: ImplicitState) -> tuple[Tree, ImplicitState]:
@@ -278,7 +278,7 @@ class LancBiO(_Krylov):
 
     def init(self, problem: Problem, x: Tree, y: Tree | None) -> LancBiOState:
         base = super().init(problem, x, y)
-        zero = torch.zeros((), dtype=torch.int64, device=_device(base.y))
+        zero = torch.zeros((), dtype=torch.int64, device=tr.device(base.y))
         return LancBiOState(
             y=base.y, y0=base.y0, v=tr.zeros_like(base.y), m=self.m, breakdowns=zero,
             indefinite=zero,
@@ -451,7 +451,3 @@ class LancBiO(_Krylov):
             index = state.steps if before else state.steps - 1  # the step it belongs to
             cap = self.warmup_m_max if index < self.warmup_steps else self.m_max
             state.m = min(math.ceil(state.m * self.m_growth - 1e-9), cap)
-
-
-def _device(tree: Tree) -> torch.device:
-    return next(iter(tree.values())).device

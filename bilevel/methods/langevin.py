@@ -160,7 +160,7 @@ class SGLD(Method):
             _check_per_parameter(x, base.y)
         seed = self.seed
         if seed is None:  # from the global RNG, which solve seeds: runs differ by seed
-            seed = distributed.shared_seed(next(iter(x.values())).device)
+            seed = distributed.shared_seed(tr.device(x))
         return LangevinState(y=base.y, y0=base.y0, noise_seed=seed)
 
     def _start(self, problem: Problem, x: Tree, state: LangevinState) -> tuple[Tree, Tree | None]:
@@ -184,7 +184,7 @@ class SGLD(Method):
         carried = state.chains is not None and self.warm_start and problem.init_lower is None
         chains, carry = self._start(problem, x, state)
         curvature = state.curvature if carried else None
-        gen = _generator(state.noise_seed, state.outer_step, next(iter(x.values())).device)
+        gen = _generator(state.noise_seed, state.outer_step, tr.device(x))
         noise_scale = math.sqrt(2 * self.eta * self.tau)
         samples = state.samples if carried else None
         sums = _Sums(self.estimator)
