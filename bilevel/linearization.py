@@ -12,6 +12,7 @@ mixed product never towards y.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -33,8 +34,9 @@ class LowerLinearization:
         pull: maps a derivative w.r.t. ``x`` on to the outer variable (a representation's
             pullback); ``None`` when ``x`` is the outer variable itself.
 
-    ``grad`` is ∇_y g at the point, a by-product of building the graph. Not usable under
-    ``torch.func`` transforms (vmap, grad): those use the oracles' transform-safe products.
+    ``grad`` is ∇_y g at the point, a by-product of building the graph (detached on first
+    use: AID needs only the products). Not usable under ``torch.func`` transforms (vmap,
+    grad): those use the oracles' transform-safe products.
     """
 
     def __init__(
@@ -58,15 +60,21 @@ class LowerLinearization:
         # products flow only through the components of ∇_y g that depend on x or y; the lists
         # autograd takes are built once (products run in tight loops). Autograd gives each
         # gradient its input's dtype.
-        grad: Tree = {}
-        self._outputs: list[tuple[str, Tensor]] = []
-        for (k, v), g in zip(self._y.items(), grads, strict=True):
-            grad[k] = torch.zeros_like(v) if g is None else g.detach()
-            if g is not None and g.requires_grad:
-                self._outputs.append((k, g))
-        self.grad: Tree = reduce(grad)
+        self._grads = grads
+        self._outputs = [
+            (k, g) for k, g in zip(self._y, grads, strict=True) if g is not None and g.requires_grad
+        ]
         self._output_tensors = [g for _, g in self._outputs]
         self._leaves = {"x": list(self._x.values()), "y": list(self._y.values())}
+
+    @cached_property
+    def grad(self) -> Tree:
+        """∇_y g at the point (a tree like y, no graph)."""
+        grad = {
+            k: torch.zeros_like(v) if g is None else g.detach()
+            for (k, v), g in zip(self._y.items(), self._grads, strict=True)
+        }
+        return self._reduce(grad)
 
     def hvp(self, v: Tree) -> Tree:
         """∇²_yy g · v (a tree like y)."""

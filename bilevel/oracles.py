@@ -141,6 +141,12 @@ class Oracles:
         nested transforms, whose outputs must not escape; the caller watches its result."""
         return _Switch(self, "_watching")
 
+    @property
+    def watching(self) -> bool:
+        """Whether :meth:`watch` records anything here (``check_finite``, outside
+        :meth:`uncounted` and :meth:`unwatched` blocks)."""
+        return self.check_finite and self._counting and self._watching
+
     def watch(self, oracle: str, *outs: Tree | Tensor) -> None:
         """Flag NaN/Inf in ``outs`` (trees or tensors, attributed to ``oracle``) without a host
         sync.
@@ -151,7 +157,7 @@ class Oracles:
         oracle's running total, and :meth:`raise_if_nonfinite` checks all totals at once, one
         host sync per outer step.
         """
-        if not self.check_finite or not self._counting or not self._watching:
+        if not self.watching:
             return
         parts = [
             _finite_sum(t)
@@ -165,9 +171,8 @@ class Oracles:
         that is True, or a floating one (a norm of the solve's) that is non-finite.
         :meth:`raise_if_nonfinite` then names the linear solve (``flag`` STEP_SIZE: a diverged
         stationary iteration, named with its step)."""
-        if not self.check_finite or not self._counting or not self._watching:
-            return
-        self._keep(flag, list(flags))
+        if self.watching:
+            self._keep(flag, list(flags))
 
     def _keep(self, name: str, flags: list[Tensor]) -> None:
         """Fold 0-dim ``flags`` (bool: True is bad; floating: non-finite is bad) into ``name``'s
@@ -309,7 +314,8 @@ class Oracles:
             record=self._record,
             pull=pull,
         )
-        self.watch("linearize", lin.grad)
+        if self.watching:  # lin.grad is built on first use
+            self.watch("linearize", lin.grad)
         return lin
 
     def hvp_lower_yy(self, x: Tree, y: Tree, v: Tree, batch: Any = None) -> Tree:

@@ -5,11 +5,13 @@ higher on FashionMNIST hyper-cleaning (protocol in protocol.py and README.md).
 
 1. Correctness: the first hypergradient of every implementation against the hand-written loop
    run in float64 (relative error; above 1e-3 the implementation is marked wrong).
-2. Timing: ``--rounds`` interleaved rounds; in each, every implementation is built afresh, runs
-   ``--warmup`` untimed outer steps, then ``--steps`` timed ones (CPU seconds from
-   ``time.process_time``, wall from ``time.perf_counter``). The implementations' order rotates
-   from round to round. Ratios are to the hand-written loop in the same round; the table gives
-   their median over rounds.
+2. Timing: ``--rounds`` interleaved rounds; in each, every implementation is built afresh
+   behind heap padding of random size (a fresh allocation layout per run), runs ``--warmup``
+   untimed outer steps, then ``--steps`` timed ones (CPU seconds from ``time.process_time``,
+   wall from ``time.perf_counter``). The implementations' order rotates from round to round.
+   Ratios are to the hand-written loop in the same round; the table gives their median over
+   rounds. ``handwritten_replica`` times the hand-written loop a second time: its ratio (an A/A
+   comparison) is the resolution of the others.
 3. Op counts: one outer step under ``torch.profiler`` (after a warm-up step): aten::mm and
    aten::addmm calls with a 5000-row operand (the training or validation data).
 4. Memory: each implementation in its own process; the peak resident set (VmHWM, reset through
@@ -25,6 +27,7 @@ import gc
 import importlib
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -40,6 +43,7 @@ WRONG = 1e-3  # relative error of a float32 hypergradient above which it is mark
 # id -> (module, class); the order is the tables' column order
 IMPLEMENTATIONS = {
     "handwritten": ("impl_handwritten", "HandWritten"),
+    "handwritten_replica": ("impl_handwritten", "HandWrittenReplica"),
     "bilevel": ("impl_bilevel", "Bilevel"),
     "torchopt": ("impl_torchopt", "TorchOpt"),
     "boat": ("impl_boat", "Boat"),
@@ -48,6 +52,8 @@ IMPLEMENTATIONS = {
     "higher": ("impl_higher", "Higher"),
 }
 BASELINE = "handwritten"
+# tensors of random size (up to 64 KB each) allocated before each timed implementation is built
+PADDING_TENSORS = 8
 
 
 def load_class(impl_id: str) -> type[Implementation]:
@@ -93,7 +99,23 @@ def check(classes, data: Data, data64: Data) -> dict:
     return out
 
 
-def time_steps(cls, method: str, data: Data, warmup: int, steps: int) -> dict:
+def heap_padding(seed: int) -> list[torch.Tensor]:
+    """Tensors of random sizes to hold while one implementation is built and timed.
+
+    Where an implementation's tensors land on the heap follows from everything allocated
+    before it, and the same code in two fixed layouts ran up to 0.5 % apart here (identical
+    hand-written loops, interleaved in one process): a fixed layout per implementation would
+    bias its ratio as much as the differences the table resolves. Padding drawn afresh per run
+    makes the layout random, so it averages out over rounds (Mytkowicz, Diwan, Hauswirth,
+    Sweeney, "Producing wrong data without doing anything obviously wrong!", ASPLOS 2009)."""
+    rng = random.Random(seed)
+    return [torch.empty(rng.randrange(1, 16385)) for _ in range(PADDING_TENSORS)]
+
+
+def time_steps(cls, method: str, data: Data, warmup: int, steps: int, layout: int = 0) -> dict:
+    """CPU and wall seconds per outer step of a fresh ``cls``, built behind the heap padding
+    drawn from seed ``layout``."""
+    padding = heap_padding(layout)
     impl = cls(method, data)
     for _ in range(warmup):
         impl.step()
@@ -107,6 +129,7 @@ def time_steps(cls, method: str, data: Data, warmup: int, steps: int) -> dict:
     }
     if hasattr(impl, "step_counts"):  # the library's own oracle counts, checked in its step
         out["oracle_counts"] = dict(impl.step_counts)
+    out["padding_elements"] = sum(t.numel() for t in padding)  # held to here: the layout
     return out
 
 
@@ -114,13 +137,15 @@ def timing(classes, data: Data, rounds: int, warmup: int, steps: int) -> dict:
     """Per round, per method, per implementation: seconds per outer step."""
     ids = list(classes)
     out: dict = {}
+    layouts = random.Random(0)  # one padding seed per run: the same layouts on every rerun
     for r in range(rounds):
         order = ids[r % len(ids) :] + ids[: r % len(ids)]
         for method in METHODS:
             for impl_id in order:
                 if method not in classes[impl_id].methods:
                     continue
-                result = time_steps(classes[impl_id], method, data, warmup, steps)
+                layout = layouts.randrange(2**32)
+                result = time_steps(classes[impl_id], method, data, warmup, steps, layout)
                 out.setdefault(f"{impl_id}/{method}", []).append(result)
                 print(
                     f"round {r + 1}/{rounds} {impl_id:14s} {method:8s} "
