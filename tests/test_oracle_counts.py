@@ -83,3 +83,15 @@ def test_solve_history_reports_cumulative_counts_of_its_own_run():
         "hvp": 3 + 3 * 4,
         "mixed": 4,
     }
+
+
+def test_an_aid_step_reduces_only_what_it_uses():
+    # under data sharding every reduction is an all-reduce: the linearisation's own ∇_y g, which
+    # AID never reads, is not reduced (it is built on first use)
+    task = quadratic(dim_x=3, dim_y=6, seed=0)
+    reduced = []
+    task.problem.reduce = lambda tree: reduced.append(tree) or tree
+    k, j = 4, 3
+    method = bl.method("cg", inner_steps=k, solver_iters=j, solver_tol=0.0)
+    bl.hypergrad(task.problem, task.x0, task.y0, method, steps=1)
+    assert len(reduced) == k + 2 + j + 1  # inner gradients, ∇_x f and ∇_y f, HVPs, mixed

@@ -91,3 +91,23 @@ def test_the_replica_times_the_hand_written_loop_itself():
     assert HandWrittenReplica.__bases__ == (HandWritten,)
     # it overrides nothing but its column's name: the A/A comparison times the same code
     assert {k for k in vars(HandWrittenReplica) if not k.startswith("__")} == {"library"}
+
+
+def test_ratio_summary_brackets_the_median_by_order_statistics():
+    summary = pytest.importorskip("ratio_summary")
+    # n = 30: P(Bin(30, 1/2) <= 9) = 2.1 % <= 2.5 % < P(<= 10): the 10th and 21st values
+    assert summary.median_interval([float(v) for v in range(30, 0, -1)]) == (10.0, 21.0)
+    assert summary.median_interval([1.0] * 5) is None  # no 95 % interval from 5 rounds
+    times = {
+        f"{impl}/neumann": [{"cpu": c} for c in cpus]
+        for impl, cpus in {
+            "handwritten": [2.0] * 6,
+            "handwritten_replica": [2.0, 2.0, 2.0, 2.2, 2.2, 2.2],
+            "bilevel": [1.0, 1.0, 1.0, 1.0, 4.0, 4.0],
+        }.items()
+    }
+    table = summary.lines({"times": times})
+    assert "| neumann | bilevel / handwritten | 0.5000 | [0.5000, 2.0000] | 4 of 6 |" in table
+    replica = "| neumann | handwritten_replica / handwritten | 1.0500 | [1.0000, 1.1000] | 0 of 6 |"
+    assert replica in table
+    assert any(row.startswith("| neumann | bilevel / handwritten_replica | ") for row in table)
