@@ -28,7 +28,6 @@ import importlib
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import torch
 from protocol import METHODS, N_TRAIN, Data, Implementation, difference_to_task, load_data
+from ratio_summary import BASELINE, summary
 from report import write_report
 
 HERE = Path(__file__).resolve().parent
@@ -51,7 +51,6 @@ IMPLEMENTATIONS = {
     "betty_patched": ("impl_betty", "BettyPatchedCG"),
     "higher": ("impl_higher", "Higher"),
 }
-BASELINE = "handwritten"
 # tensors of random size (up to 64 KB each) allocated before each timed implementation is built
 PADDING_TENSORS = 8
 
@@ -158,14 +157,11 @@ def timing(classes, data: Data, rounds: int, warmup: int, steps: int) -> dict:
 def ratios(times: dict) -> dict:
     """Median over rounds of (CPU s/step) / (hand-written's CPU s/step in the same round)."""
     out = {}
-    for key, runs in times.items():
-        method = key.split("/")[1]
-        base = times.get(f"{BASELINE}/{method}")
-        if base is None:
-            continue
-        out[key] = statistics.median(
-            run["cpu"] / b["cpu"] for run, b in zip(runs, base, strict=True)
-        )
+    for key in times:
+        impl_id, method = key.split("/")
+        ratio = summary(times, impl_id, BASELINE, method)
+        if ratio is not None:
+            out[key] = ratio["median"]
     return out
 
 
